@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command of the README: creates .venv (if absent), installs spark-trl with its dev extra
+# (torch pinned to the CPU build on machines without a GPU) and runs the whole suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k reward`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${SPARK_TRL_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+"$VENV/bin/python" -m pip install -q -e ".[dev]" -c constraints-cpu.txt
+export SPARK_TRL_MBPP=${SPARK_TRL_MBPP:-$(cd .. && pwd)/shared/data/sanitized-mbpp.json}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+"$VENV/bin/python" -m flake8 spark_trl tests recipes benchmarks
+# pytest exits 5 when it collects no test: with `set -e` that fails this script, as it should.
+"$VENV/bin/python" -m pytest "$@"

@@ -1,0 +1,6 @@
+"""spark-trl: execution-grounded GRPO for code generation, as a TRL extension."""
+
+__version__ = "0.1.0"
+
+from .data import Problem, load_benchmark, load_humaneval, load_mbpp, split_mbpp, to_grpo_dataset  # noqa: F401
+from .prompts import SYSTEM_PROMPT, extract_code  # noqa: F401

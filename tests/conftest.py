@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny offline model and the real data files. No test needs the hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+MBPP_PATH = Path(os.environ.get("SPARK_TRL_MBPP", REPO.parent / "shared" / "data" / "sanitized-mbpp.json"))
+
+
+@pytest.fixture(scope="session")
+def mbpp_path() -> Path:
+    if not MBPP_PATH.is_file():
+        pytest.fail(f"MBPP-sanitized not found at {MBPP_PATH}; set SPARK_TRL_MBPP")
+    return MBPP_PATH
+
+
+@pytest.fixture(scope="session")
+def mbpp_problems(mbpp_path):
+    from spark_trl.data import load_mbpp
+
+    return load_mbpp(mbpp_path)
+
+
+@pytest.fixture(scope="session")
+def humaneval_problems():
+    from spark_trl.data import load_humaneval
+
+    return load_humaneval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    """A tiny Qwen2-architecture causal LM + ChatML tokenizer, saved with save_pretrained (TRL needs a path
+    when beta > 0 without PEFT)."""
+    from spark_trl.testing import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2")))
