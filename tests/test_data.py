@@ -112,3 +112,12 @@ def test_bad_input_errors_name_the_problem(tmp_path):
         load_benchmark("mbpp-big")
     with pytest.raises(DataError, match="missing field"):
         mbpp_problem({"task_id": 3})
+
+
+def test_cli_split(mbpp_path, capsys):
+    from spark_trl.cli import main
+
+    assert main(["split", "--mbpp", str(mbpp_path), "--max_train_problems", "200", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train"] == shipped_split_ids(42)["train_pool"][:200] and len(out["heldout"]) == 100
+    assert main(["nonsense"]) == 2
