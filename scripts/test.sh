@@ -13,6 +13,6 @@ fi
 "$VENV/bin/python" -m pip install -q -e ".[dev]" -c constraints-cpu.txt
 export SPARK_TRL_MBPP=${SPARK_TRL_MBPP:-$(cd .. && pwd)/shared/data/sanitized-mbpp.json}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-"$VENV/bin/python" -m flake8 spark_trl tests recipes benchmarks
+"$VENV/bin/python" -m flake8 .
 # pytest exits 5 when it collects no test: with `set -e` that fails this script, as it should.
 "$VENV/bin/python" -m pytest "$@"
