@@ -4,3 +4,5 @@ __version__ = "0.1.0"
 
 from .data import Problem, load_benchmark, load_humaneval, load_mbpp, split_mbpp, to_grpo_dataset  # noqa: F401
 from .prompts import SYSTEM_PROMPT, extract_code  # noqa: F401
+from .configs import SparkGRPOConfig  # noqa: F401
+from .trainer import SparkGRPOTrainer  # noqa: F401

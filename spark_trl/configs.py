@@ -1,0 +1,178 @@
+"""`SparkGRPOConfig`: TRL's `GRPOConfig` plus the settings of the SPARK-Code study.
+
+Every study condition (A, C-light, C-reg, C-reg2) is only configuration of these fields; see `docs/trainer.md`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+ADVANTAGE_STDS = ("population", "sample")
+SKIP_ZERO_ADVANTAGE = ("group", "sequence", "none")
+AUX_MODES = ("phase", "joint")
+AUX_OBJECTIVES = ("recycling",)
+ROLLOUT_ENGINES = ("trl", "spark")
+REF_ADAPTERS = ("disable", "copy")
+# Loss types that SparkGRPOTrainer adds to TRL's.
+SPARK_LOSS_TYPES = ("spark",)
+
+
+@dataclass
+class SparkGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`SparkGRPOTrainer`]: every field of [`trl.GRPOConfig`] plus the following.
+
+    Adaptive group sizing (the study's "K=4 adaptive, up to 8"):
+
+    - `min_generations` completions are sampled per prompt; a group whose rewards have no variance
+      (std <= `adaptive_std_threshold`) gets `generation_increment` more, until it has variance or holds
+      `max_generations`. `min_generations == max_generations` is a fixed group size. `num_generations` (TRL's
+      field) is the initial group size and is set to `min_generations`.
+    - Advantages are z-scores within each final group (`advantage_std`: population or sample std, plus
+      `advantage_epsilon`). Groups still without variance carry zero advantage; with
+      `skip_zero_advantage="group"` (default) they are left out of the loss entirely: no forward, backward,
+      KL or reference forward. `"sequence"` also leaves out single sequences whose |advantage| <
+      `advantage_epsilon` (the study's exact rule); `"none"` keeps everything.
+
+    Loss: `loss_type="spark"` is the study's objective: per-sequence token mean of the clipped surrogate plus
+    `beta` times the k3 KL estimator (no importance-ratio correction of the KL), then the mean over the sequences
+    of the optimizer step. Every TRL `loss_type` stays available.
+
+    Auxiliary recycling (the study's Condition C): `aux_loss_scale > 0` turns it on (0 = Condition A).
+
+    Example:
+    ```python
+    >>> from spark_trl import SparkGRPOConfig
+    >>> args = SparkGRPOConfig(output_dir="out", min_generations=4, max_generations=8, loss_type="spark")
+    >>> args.num_generations
+    4
+    ```
+    """
+
+    # TRL's default is 8; here the initial group size comes from `min_generations` unless set explicitly.
+    num_generations: int | None = field(
+        default=None,
+        metadata={"help": "Initial group size. Leave unset: it is taken from `min_generations`."},
+    )
+    min_generations: int = field(
+        default=4, metadata={"help": "Completions sampled per prompt before any top-up (the study's K)."}
+    )
+    max_generations: int = field(
+        default=8,
+        metadata={"help": "Largest group size after top-ups. Equal to `min_generations` for a fixed group size."},
+    )
+    generation_increment: int = field(
+        default=2, metadata={"help": "Completions added to a group without reward variance at each top-up."}
+    )
+    adaptive_std_threshold: float = field(
+        default=1e-8, metadata={"help": "A group whose reward std is at most this has no variance (is topped up)."}
+    )
+    advantage_std: str = field(
+        default="population",
+        metadata={"help": "Std used to z-score rewards within a group: 'population' (the study) or 'sample'."},
+    )
+    advantage_epsilon: float = field(
+        default=1e-8, metadata={"help": "Added to the group std before dividing (the study: 1e-8)."}
+    )
+    skip_zero_advantage: str = field(
+        default="group",
+        metadata={
+            "help": "Which sequences are left out of the loss: 'group' (groups still without reward variance), "
+            "'sequence' (also any sequence with |advantage| < advantage_epsilon, the study's rule) or 'none'."
+        },
+    )
+    ref_adapter: str = field(
+        default="disable",
+        metadata={
+            "help": "With PEFT and beta > 0, the reference policy: 'disable' = the base model with adapters disabled "
+            "(the study; also when training resumes from a saved adapter); 'copy' = TRL's frozen copy of a "
+            "pre-existing adapter."
+        },
+    )
+    # Auxiliary recycling (Condition C)
+    aux_loss_scale: float = field(
+        default=0.0, metadata={"help": "Scale of the auxiliary recycling loss; 0 turns it off (Condition A)."}
+    )
+    aux_objective: str | None = field(
+        default=None,
+        metadata={
+            "help": "Built-in auxiliary objective to use when the trainer is given none: 'recycling' (the study's "
+            "pointwise/pairwise/reflection examples) or None."
+        },
+    )
+    aux_mode: str = field(
+        default="phase",
+        metadata={
+            "help": "'phase': one auxiliary epoch after each epoch's GRPO pass, same optimizer (the study). "
+            "'joint': the auxiliary loss is added to the GRPO loss at every step."
+        },
+    )
+    aux_pointwise_weight: float = field(default=0.0, metadata={"help": "Weight of pointwise (judge) examples."})
+    aux_pairwise_weight: float = field(default=0.1, metadata={"help": "Weight of pairwise (A/B) examples."})
+    aux_reflection_weight: float = field(default=1.0, metadata={"help": "Weight of reflection (repair) examples."})
+    aux_max_pointwise: int = field(default=200, metadata={"help": "Cap on pointwise examples per epoch."})
+    aux_max_pairwise: int = field(default=200, metadata={"help": "Cap on pairwise examples per epoch."})
+    aux_max_reflection: int = field(default=400, metadata={"help": "Cap on reflection examples per epoch."})
+    aux_max_length: int = field(
+        default=1024, metadata={"help": "Token cap of an auxiliary example; the prompt side is truncated."}
+    )
+    aux_batch_size: int = field(default=2, metadata={"help": "Micro-batch size of the auxiliary phase."})
+    aux_error_tail_lines: int = field(
+        default=6, metadata={"help": "Lines of the error output shown in a reflection example."}
+    )
+    # Generation backend
+    rollout_engine: str = field(
+        default="trl",
+        metadata={
+            "help": "'trl': TRL's own generation (transformers generate, or vLLM when use_vllm). "
+            "'spark': spark_trl.rollout.FastRolloutEngine."
+        },
+    )
+
+    def __post_init__(self):
+        # Checked before GRPOConfig.__post_init__, whose batch-size arithmetic uses num_generations.
+        if self.min_generations < 2:
+            raise ValueError(f"min_generations must be at least 2 to compute advantages, got {self.min_generations}")
+        if self.max_generations < self.min_generations:
+            raise ValueError(
+                f"max_generations ({self.max_generations}) must be >= min_generations ({self.min_generations})"
+            )
+        if self.generation_increment < 1:
+            raise ValueError(f"generation_increment must be at least 1, got {self.generation_increment}")
+        if self.num_generations is None:
+            self.num_generations = self.min_generations
+        elif self.num_generations != self.min_generations:
+            raise ValueError(
+                f"num_generations ({self.num_generations}) differs from min_generations ({self.min_generations}). "
+                "SparkGRPOConfig sizes groups with min_generations/max_generations; for a fixed group size G set "
+                "min_generations=max_generations=G and leave num_generations unset."
+            )
+        _check_choice("advantage_std", self.advantage_std, ADVANTAGE_STDS)
+        _check_choice("skip_zero_advantage", self.skip_zero_advantage, SKIP_ZERO_ADVANTAGE)
+        _check_choice("aux_mode", self.aux_mode, AUX_MODES)
+        _check_choice("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
+        _check_choice("ref_adapter", self.ref_adapter, REF_ADAPTERS)
+        if self.aux_objective is not None:
+            _check_choice("aux_objective", self.aux_objective, AUX_OBJECTIVES)
+        if self.aux_loss_scale < 0:
+            raise ValueError(f"aux_loss_scale must be >= 0, got {self.aux_loss_scale}")
+        for name in ("aux_pointwise_weight", "aux_pairwise_weight", "aux_reflection_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.aux_batch_size < 1:
+            raise ValueError(f"aux_batch_size must be at least 1, got {self.aux_batch_size}")
+        if self.aux_max_length < 16:
+            raise ValueError(f"aux_max_length must be at least 16 tokens, got {self.aux_max_length}")
+        super().__post_init__()
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether groups can grow beyond their initial size."""
+        return self.max_generations > self.min_generations
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

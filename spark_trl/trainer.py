@@ -1,0 +1,833 @@
+"""`SparkGRPOTrainer`: TRL's `GRPOTrainer` with adaptive group sizes, cached reference log-probs, the study's loss
+and an auxiliary-recycling hook.
+
+What changes with respect to `trl.GRPOTrainer` (every override names the TRL method it replaces):
+
+* Generation (`_generate_and_score_completions`): `min_generations` completions per prompt, then top-up rounds
+  of `generation_increment` for groups whose rewards have no variance, up to `max_generations`. Groups are
+  whole on each rank; every rank runs the same number of generation rounds with the same number of prompts
+  (padding with throw-away prompts), so collective backends (vLLM server, ZeRO-3, FSDP) stay in lockstep.
+* Sequences left out of the loss (groups without variance, by default) get no reference forward, no old-logp
+  forward, no loss forward and no backward.
+* Rows are rebalanced: every rank gets the same number of rows per micro-step (zero-weight padding rows), and
+  the loss is normalised by the global number of sequences (or tokens) of the generation batch, so gradient
+  accumulation, `steps_per_generation > 1` and several processes all see the same objective and the same number
+  of forward/backward passes (`_prepare_inputs`, `_compute_loss`).
+* The probability ratio is exactly 1 on every micro-step taken before the first optimizer step over a fresh
+  rollout: the old log-probs are the current ones, detached, whatever dropout does (`_compute_loss`).
+* `loss_type="spark"`: the study's loss (see `_spark_loss`).
+* Auxiliary objective (`spark_trl.recycling`), as a phase at the end of each epoch or joint with the GRPO loss.
+* `trainer.spark_stats`: per-epoch figures for a study runner (train pass rate, KL, tokens, group sizes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object, is_peft_model
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+from trl.data_utils import is_conversational
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer import grpo_trainer as _trl_grpo
+from trl.trainer.utils import pad, split_tensor_dict, use_adapter
+
+from .configs import SparkGRPOConfig
+from .outcome import ExecutionOutcome
+from .recycling import AuxiliaryObjective, RecyclingObjective, Rollout
+
+
+@dataclass
+class SparkStats:
+    """Global (all ranks) figures accumulated over one epoch; what a study runner records per iteration.
+
+    Example:
+    ```python
+    >>> stats = SparkStats()
+    >>> stats.summary()["train_pass_rate"] is None
+    True
+    ```
+    """
+
+    rollouts: int = 0  # completions generated (all rounds)
+    rollouts_with_outcome: int = 0  # completions whose reward function reported an ExecutionOutcome
+    rollouts_passed: int = 0  # ... of which passed every test
+    completion_tokens: int = 0
+    reward_sum: float = 0.0
+    reward_count: int = 0
+    groups: int = 0
+    groups_topped_up: int = 0
+    groups_without_variance: int = 0
+    group_sizes: Counter = field(default_factory=Counter)
+    sequences_in_loss: int = 0
+    tokens_saved: float = 0.0  # estimated completion tokens not generated versus always max_generations
+    kl_sum: float = 0.0  # token-weighted, over sequences in the loss
+    kl_tokens: int = 0
+    ref_forward_sequences: int = 0  # sequences that went through the reference forward
+    aux_examples: Counter = field(default_factory=Counter)
+    aux_loss_sum: float = 0.0
+    aux_steps: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        def ratio(a, b):
+            return a / b if b else None
+
+        return {
+            "train_pass_rate": ratio(self.rollouts_passed, self.rollouts_with_outcome),
+            "mean_kl": ratio(self.kl_sum, self.kl_tokens),
+            "mean_completion_tokens": ratio(self.completion_tokens, self.rollouts),
+            "mean_reward": ratio(self.reward_sum, self.reward_count),
+            "mean_group_size": ratio(sum(k * v for k, v in self.group_sizes.items()), self.groups),
+            "group_sizes": {int(k): int(v) for k, v in sorted(self.group_sizes.items())},
+            "frac_groups_topped_up": ratio(self.groups_topped_up, self.groups),
+            "frac_groups_without_variance": ratio(self.groups_without_variance, self.groups),
+            "rollouts": self.rollouts,
+            "completion_tokens": self.completion_tokens,
+            "tokens_saved_vs_max_generations": self.tokens_saved,
+            "sequences_in_loss": self.sequences_in_loss,
+            "ref_forward_sequences": self.ref_forward_sequences,
+            "aux_examples": dict(self.aux_examples),
+            "aux_mean_loss": ratio(self.aux_loss_sum, self.aux_steps),
+            "aux_steps": self.aux_steps,
+        }
+
+
+@contextlib.contextmanager
+def _local_rewards():
+    """Score this rank's completions only.
+
+    TRL's `_calculate_rewards` ends with `gather(rewards_per_func)` (a module-level name in
+    `trl.trainer.grpo_trainer`) because its groups may straddle ranks. Here groups are whole on each rank and the
+    top-up rounds score different numbers of completions per rank, which an all-gather cannot take; so the
+    gather is made the identity for the duration of the call and the trainer reduces what it needs itself.
+    """
+    original = _trl_grpo.gather
+    _trl_grpo.gather = lambda tensor: tensor
+    try:
+        yield
+    finally:
+        _trl_grpo.gather = original
+
+
+class _SparkCallback(TrainerCallback):
+    """Epoch bookkeeping. Registered before the user's callbacks, so that their `on_epoch_end` (a study runner's
+    evaluation and checkpoint) sees the model after the auxiliary phase and the epoch's complete statistics."""
+
+    def __init__(self):
+        self.trainer: SparkGRPOTrainer | None = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer._begin_epoch()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer._end_epoch()
+
+
+class SparkGRPOTrainer(GRPOTrainer):
+    """GRPO for execution-grounded code generation; arguments are `trl.GRPOTrainer`'s plus `aux_objective`.
+
+    Args:
+        aux_objective (`AuxiliaryObjective`, *optional*):
+            An auxiliary objective fed with each epoch's rollouts (phase mode) or each generation batch's rollouts
+            (joint mode); see `spark_trl.recycling`. Without one, `args.aux_objective="recycling"` builds the
+            study's objective.
+
+    Example:
+    ```python
+    >>> from spark_trl import SparkGRPOConfig, SparkGRPOTrainer
+    >>> args = SparkGRPOConfig(output_dir="out", loss_type="spark", beta=0.02, min_generations=4,
+    ...                        max_generations=8, per_device_train_batch_size=4, gradient_accumulation_steps=4)
+    >>> trainer = SparkGRPOTrainer(model="Qwen/Qwen2.5-Coder-3B-Instruct", reward_funcs=reward, args=args,
+    ...                            train_dataset=dataset, peft_config=lora_config)
+    >>> trainer.train()
+    >>> trainer.spark_stats["train_pass_rate"]
+    ```
+    """
+
+    _tag_names = ["trl", "grpo", "spark-trl"]
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: SparkGRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+        aux_objective: AuxiliaryObjective | None = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = SparkGRPOConfig(f"{str(name).split('/')[-1]}-SparkGRPO")
+        if not isinstance(args, SparkGRPOConfig):
+            raise TypeError(f"args must be a SparkGRPOConfig, got {type(args).__name__}")
+        # Everything checkable before a model is loaded is checked here.
+        self._spark_path = not (tools or rollout_func or environment_factory)
+        self._validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory)
+
+        self._spark_callback = _SparkCallback()
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=[self._spark_callback] + list(callbacks or []),
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
+        )
+        self._spark_callback.trainer = self
+
+        # TRL adds a frozen "ref" copy of a pre-existing adapter; the study's reference is the base model.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if args.ref_adapter == "disable" and is_peft_model(unwrapped) and "ref" in unwrapped.peft_config:
+            unwrapped.delete_adapter("ref")
+            unwrapped.set_adapter("default")
+
+        if aux_objective is None and args.aux_objective == "recycling":
+            aux_objective = RecyclingObjective.from_config(self.processing_class, args)
+        self.aux_objective = aux_objective
+        self._aux_on = aux_objective is not None and args.aux_loss_scale > 0
+
+        self._engine = None
+        self._engine_synced_step = None
+        if args.rollout_engine == "spark":
+            from .rollout import FastRolloutEngine  # checked importable in _validate
+
+            self._engine = FastRolloutEngine(unwrapped, self.processing_class, args)
+
+        self._rollout_global_step = -1  # optimizer step at which the buffered rollout was generated
+        self._stats = SparkStats()
+        self.spark_stats_history: list[dict[str, Any]] = []
+        self._epoch_rollouts: list[Rollout] = []
+        self._joint_aux_batches: list[list] = []
+        self._group_counter = 0
+        self.ref_forward_calls = 0  # reference forward passes (batches), for tests and benchmarks
+
+    # ------------------------------------------------------------------------------------------------ validation
+
+    @staticmethod
+    def _validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory):
+        # Re-check the group sizes: a config is a mutable dataclass.
+        if args.min_generations < 2:
+            raise ValueError(f"min_generations must be at least 2, got {args.min_generations}")
+        if args.max_generations < args.min_generations:
+            raise ValueError(
+                f"max_generations ({args.max_generations}) must be >= min_generations ({args.min_generations})"
+            )
+        if args.generation_increment < 1:
+            raise ValueError(f"generation_increment must be at least 1, got {args.generation_increment}")
+        if args.num_generations != args.min_generations:
+            raise ValueError(
+                f"num_generations ({args.num_generations}) must equal min_generations ({args.min_generations})"
+            )
+        if args.aux_loss_scale > 0 and aux_objective is None and args.aux_objective is None:
+            raise ValueError(
+                f"aux_loss_scale={args.aux_loss_scale} but no auxiliary objective: pass aux_objective=... or set "
+                "aux_objective='recycling' (the study's built-in), or set aux_loss_scale=0 (Condition A)."
+            )
+        needs_spark_path = (
+            args.adaptive
+            or args.skip_zero_advantage != "none"
+            or args.loss_type == "spark"
+            or args.aux_loss_scale > 0
+            or args.rollout_engine == "spark"
+        )
+        if needs_spark_path and (tools or rollout_func or environment_factory):
+            raise ValueError(
+                "Adaptive groups, skip_zero_advantage, loss_type='spark', auxiliary objectives and the spark rollout "
+                "engine work with plain text or chat prompts only, not with tools, rollout_func or "
+                "environment_factory. Set min_generations=max_generations, skip_zero_advantage='none', a TRL "
+                "loss_type, aux_loss_scale=0 and rollout_engine='trl' to use those."
+            )
+        if args.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError("SparkGRPOTrainer supports multi_objective_aggregation='sum_then_normalize' only")
+        if args.scale_rewards not in ("group", "none"):
+            raise ValueError(
+                f"scale_rewards={args.scale_rewards!r}: SparkGRPOTrainer normalises within each (possibly topped-up) "
+                "group; use 'group' or 'none'"
+            )
+        if args.use_vllm and args.vllm_importance_sampling_correction:
+            raise ValueError(
+                "vllm_importance_sampling_correction is not supported by SparkGRPOTrainer yet; set it to False "
+                "when use_vllm=True (the old log-probs are still those of the training model)"
+            )
+        local_batch = args.per_device_train_batch_size * args.steps_per_generation
+        if local_batch % args.min_generations != 0:
+            raise ValueError(
+                f"per_device_train_batch_size * steps_per_generation ({local_batch}) must be a multiple of "
+                f"min_generations ({args.min_generations}): SparkGRPOTrainer keeps every group on one process"
+            )
+        if args.rollout_engine == "spark":
+            if args.use_vllm:
+                raise ValueError("rollout_engine='spark' and use_vllm=True are two different generation backends")
+            try:
+                from .rollout import FastRolloutEngine  # noqa: F401
+            except ImportError as exc:
+                raise ValueError(
+                    "rollout_engine='spark' needs spark_trl.rollout.FastRolloutEngine, which cannot be imported "
+                    f"({exc}). Use rollout_engine='trl'."
+                ) from None
+        # Columns that the reward functions (and the auxiliary objective) read.
+        columns = getattr(train_dataset, "column_names", None)
+        if columns is not None:
+            funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            needs = [(getattr(f, "__name__", type(f).__name__), tuple(getattr(f, "required_columns", ()) or ()))
+                     for f in funcs if f is not None and not isinstance(f, str)]
+            if aux_objective is not None:
+                needs.append((type(aux_objective).__name__, tuple(aux_objective.required_columns)))
+            for name, required in needs:
+                missing = [c for c in required if c not in columns]
+                if missing:
+                    raise ValueError(
+                        f"The train dataset lacks the column(s) {missing} that {name} needs (it has {columns}). "
+                        "Build it with spark_trl.data.to_grpo_dataset."
+                    )
+
+    # ------------------------------------------------------------------------------------------------ statistics
+
+    @property
+    def spark_stats(self) -> dict[str, Any]:
+        """Figures of the current epoch (complete when a callback's `on_epoch_end` runs): train pass rate, mean KL,
+        mean completion tokens, group sizes, ... Past epochs are in `spark_stats_history`."""
+        return self._stats.summary()
+
+    def reset_spark_stats(self) -> None:
+        """Start accumulating `spark_stats` afresh (done automatically at the start of every epoch)."""
+        self._stats = SparkStats()
+
+    def _begin_epoch(self):
+        self.reset_spark_stats()
+        self._epoch_rollouts = []
+
+    def _end_epoch(self):
+        if self._aux_on and self.args.aux_mode == "phase":
+            self._run_aux_phase()
+        summary = self.spark_stats
+        summary["epoch"] = self.state.epoch
+        self.spark_stats_history.append(summary)
+        flat = {f"spark/epoch/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
+        self.log(flat)
+
+    def _reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return t.tolist()
+
+    def _reduce_max(self, value: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return int(value)
+        t = torch.tensor([value], dtype=torch.long, device=self.accelerator.device)
+        return int(self.accelerator.gather(t).max().item())
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    def _prepare_inputs(self, generation_batch):
+        # Replaces GRPOTrainer._prepare_inputs in training: the generation batch comes back already shuffled and
+        # ordered into steps_per_generation equal micro-batches (TRL's shuffle + split would drop the remainder
+        # rows of a batch whose size varies with the top-ups).
+        if not (self._spark_path and self.model.training):
+            return super()._prepare_inputs(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _generate_round(self, prompts: list, per_prompt: int) -> tuple[list, list, list]:
+        """One call of the generation backend: `prompts` holds each prompt `per_prompt` times in a row."""
+        prompt_ids, _, _ = self._tokenize_prompts(prompts)
+        if self._engine is not None:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if self._engine_synced_step != self.state.global_step:
+                self._engine.sync_weights(unwrapped)
+                self._engine_synced_step = self.state.global_step
+            completion_ids = [list(c) for c in self._engine.generate([list(p) for p in prompt_ids])]
+            if len(completion_ids) != len(prompt_ids):
+                raise RuntimeError(
+                    f"FastRolloutEngine.generate returned {len(completion_ids)} completions for {len(prompt_ids)} "
+                    "prompts; it must return one per prompt"
+                )
+        else:
+            # TRL's backend: transformers generate, continuous batching, or vLLM (whose server mode de-duplicates
+            # prompts by taking every `per_prompt`-th one, hence the contiguous repeats).
+            completion_ids, _ = self._generate_single_turn(prompt_ids, None, {}, per_prompt)
+        contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        if is_conversational({"prompt": prompts[0]}):
+            completions = [[{"role": "assistant", "content": c}] for c in contents]
+        else:
+            completions = contents
+        return [list(p) for p in prompt_ids], [list(c) for c in completion_ids], completions
+
+    def _score(self, rows, prompts, completions, completion_ids):
+        """Rewards (n, num_funcs) of this rank's completions, and their ExecutionOutcomes when a reward function
+        exposes them as `last_outcomes` (spark_trl.reward.ExecutionReward does)."""
+        with _local_rewards():
+            rewards = self._calculate_rewards(rows, prompts, completions, completion_ids)
+        outcomes: list[ExecutionOutcome | None] = [None] * len(prompts)
+        for func in self.reward_funcs:
+            last = getattr(func, "last_outcomes", None)
+            if last is not None and len(last) == len(prompts):
+                outcomes = list(last)
+                break
+        return rewards, outcomes
+
+    def _generate_and_score_completions(self, inputs):
+        # Replaces GRPOTrainer._generate_and_score_completions in training (evaluation keeps TRL's): adaptive
+        # groups, advantages over each final group, reference/old log-probs for the sequences in the loss only,
+        # and rows balanced across ranks and micro-steps.
+        if not (self._spark_path and self.model.training):
+            return super()._generate_and_score_completions(inputs)
+        args = self.args
+        device = self.accelerator.device
+        if "image" in inputs[0] or "images" in inputs[0]:
+            raise ValueError("SparkGRPOTrainer does not support image inputs")
+        k0 = args.min_generations
+        groups = [inputs[i] for i in range(0, len(inputs), k0)]  # one row per group: TRL repeats each k0 times
+        for g, row in enumerate(groups):
+            if any(inputs[g * k0 + j]["prompt"] != row["prompt"] for j in range(k0)):
+                raise RuntimeError("a generation batch must hold whole groups of min_generations identical prompts")
+
+        # Samples, in generation order; group_of[i] is the group of sample i.
+        rows, prompts, prompt_ids, completion_ids, completions, group_of, outcomes = [], [], [], [], [], [], []
+        reward_chunks = []
+
+        def run_round(group_indices: list[int], per_prompt: int):
+            # Every rank calls the backend with the same number of prompts (collective backends need it); ranks
+            # with fewer groups to grow pad with copies of their first group and throw those completions away.
+            n_global = self._reduce_max(len(group_indices)) if self.accelerator.num_processes > 1 else len(
+                group_indices)
+            if n_global == 0:
+                return False
+            padded = group_indices + [0] * (n_global - len(group_indices))
+            round_prompts = [groups[g]["prompt"] for g in padded for _ in range(per_prompt)]
+            p_ids, c_ids, comps = self._generate_round(round_prompts, per_prompt)
+            n_real = len(group_indices) * per_prompt
+            round_rows = [groups[g] for g in group_indices for _ in range(per_prompt)]
+            if n_real:
+                r, o = self._score(round_rows, round_prompts[:n_real], comps[:n_real], c_ids[:n_real])
+                reward_chunks.append(r)
+                outcomes.extend(o)
+            rows.extend(round_rows)
+            prompts.extend(round_prompts[:n_real])
+            prompt_ids.extend(p_ids[:n_real])
+            completion_ids.extend(c_ids[:n_real])
+            completions.extend(comps[:n_real])
+            group_of.extend(g for g in group_indices for _ in range(per_prompt))
+            return True
+
+        run_round(list(range(len(groups))), k0)
+        size = [k0] * len(groups)
+        weights = self.reward_weights.to(device)
+
+        def group_stats():
+            rewards_per_func = torch.cat(reward_chunks) if reward_chunks else torch.zeros(0, len(self.reward_funcs))
+            unscorable = torch.isnan(rewards_per_func).all(dim=1)
+            rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+            rewards[unscorable] = torch.nan
+            gof = torch.tensor(group_of, dtype=torch.long, device=device)
+            return rewards_per_func, rewards, gof
+
+        while True:
+            _, rewards, gof = group_stats()
+            needy = [g for g in range(len(groups)) if size[g] < args.max_generations
+                     and _group_std(rewards[gof == g], "population") <= args.adaptive_std_threshold]
+            step = [min(args.generation_increment, args.max_generations - size[g]) for g in needy]
+            # Groups grow by the same increment per round; one capped by max_generations grows by less.
+            by_increment = defaultdict(list)
+            for g, s in zip(needy, step):
+                by_increment[s].append(g)
+            # Every rank must run the same rounds: agree on the set of increments used this round.
+            increments = sorted(by_increment)
+            if self.accelerator.num_processes > 1:
+                increments = sorted({s for lst in gather_object([increments]) for s in lst})
+            if not increments:
+                break
+            for inc in increments:
+                run_round(by_increment.get(inc, []), inc)
+                for g in by_increment.get(inc, []):
+                    size[g] += inc
+
+        rewards_per_func, rewards, gof = group_stats()
+        n = len(rows)
+        advantages = torch.zeros(n, device=device)
+        keep = torch.zeros(n, dtype=torch.bool, device=device)
+        no_variance = [False] * len(groups)
+        for g in range(len(groups)):
+            idx = (gof == g).nonzero(as_tuple=True)[0]
+            r = rewards[idx]
+            std = _group_std(r, args.advantage_std)
+            no_variance[g] = bool(_group_std(r, "population") <= args.adaptive_std_threshold)
+            if no_variance[g]:
+                adv = torch.zeros_like(r)
+            else:
+                adv = r - torch.nanmean(r)
+                if args.scale_rewards == "group":
+                    adv = adv / (std + args.advantage_epsilon)
+            adv = torch.nan_to_num(adv, nan=0.0)
+            advantages[idx] = adv
+            if args.skip_zero_advantage == "none":
+                keep[idx] = True
+            elif args.skip_zero_advantage == "group":
+                keep[idx] = not no_variance[g]
+            else:
+                keep[idx] = adv.abs() >= args.advantage_epsilon
+
+        # ---- statistics (global) and logging
+        lengths = [len(c) for c in completion_ids]
+        saved = 0.0
+        for g in range(len(groups)):
+            glen = [lengths[i] for i in range(n) if group_of[i] == g]
+            saved += (args.max_generations - size[g]) * (sum(glen) / max(len(glen), 1))
+        finite = ~torch.isnan(rewards)
+        eos_and_pad = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
+        truncated = sum(1 for c in completion_ids if not c or c[-1] not in eos_and_pad)
+        with_outcome = [o for o in outcomes if o is not None]
+        local = [
+            len(groups), sum(size), sum(s > k0 for s in size), sum(no_variance), n, sum(lengths), saved,
+            int(keep.sum()), sum(o.all_passed for o in with_outcome), len(with_outcome),
+            float(rewards[finite].sum()), int(finite.sum()), float((rewards[finite] ** 2).sum()), truncated,
+            sum(len(p) for p in prompt_ids),
+        ]
+        (n_groups, size_sum, topped, constant, n_all, tokens, saved, kept, passed, judged, r_sum, r_cnt, r_sq,
+         truncated, prompt_tokens) = self._reduce_sum(local)
+        hist = Counter(size)
+        if self.accelerator.num_processes > 1:
+            hist = Counter()
+            for h in gather_object([dict(Counter(size))]):
+                hist.update(h)
+        st = self._stats
+        st.rollouts += int(n_all)
+        st.rollouts_with_outcome += int(judged)
+        st.rollouts_passed += int(passed)
+        st.completion_tokens += int(tokens)
+        st.reward_sum += r_sum
+        st.reward_count += int(r_cnt)
+        st.groups += int(n_groups)
+        st.groups_topped_up += int(topped)
+        st.groups_without_variance += int(constant)
+        st.group_sizes.update(hist)
+        st.sequences_in_loss += int(kept)
+        st.tokens_saved += saved
+        m = self._metrics["train"]
+        m["spark/group_size_mean"].append(size_sum / max(n_groups, 1))
+        m["spark/frac_groups_topped_up"].append(topped / max(n_groups, 1))
+        m["spark/frac_groups_without_variance"].append(constant / max(n_groups, 1))
+        m["spark/completions"].append(n_all)
+        m["spark/completion_tokens"].append(tokens)
+        m["spark/tokens_saved_vs_max_generations"].append(saved)
+        m["spark/frac_sequences_in_loss"].append(kept / max(n_all, 1))
+        if judged:
+            m["spark/train_pass_rate"].append(passed / judged)
+        mean_r = r_sum / max(r_cnt, 1)
+        m["reward"].append(mean_r)
+        m["reward_std"].append(math.sqrt(max(r_sq / max(r_cnt, 1) - mean_r ** 2, 0.0) * r_cnt / max(r_cnt - 1, 1)))
+        m["frac_reward_zero_std"].append(constant / max(n_groups, 1))
+        m["completions/mean_length"].append(tokens / max(n_all, 1))
+        m["completions/clipped_ratio"].append(truncated / max(n_all, 1))
+        for i, name in enumerate(self.reward_func_names):
+            col = rewards_per_func[:, i]
+            ok = ~torch.isnan(col)
+            s, c = self._reduce_sum([float(col[ok].sum()), int(ok.sum())])
+            m[f"rewards/{name}/mean"].append(s / c if c else float("nan"))
+        self.state.num_input_tokens_seen += int(prompt_tokens + tokens)
+        m["num_tokens"] = [self.state.num_input_tokens_seen]
+        self._flush_reward_logs()
+        if self.log_completions:
+            self._logs["prompt"].extend(gather_object(prompts))
+            self._logs["completion"].extend(gather_object(completions))
+            for i, name in enumerate(self.reward_func_names):
+                self._logs["rewards"][name].extend(gather_object(rewards_per_func[:, i].tolist()))
+            self._logs["advantages"].extend(gather_object(advantages.tolist()))
+
+        # ---- rollouts for the auxiliary objective
+        if self._aux_on:
+            new = []
+            for i in range(n):
+                new.append(Rollout(
+                    prompt=prompts[i], completion=_text(completions[i]), reward=float(rewards[i]),
+                    advantage=float(advantages[i]), group=self._group_counter + group_of[i], outcome=outcomes[i],
+                    row={k: v for k, v in rows[i].items() if k != "prompt"},
+                ))
+            self._group_counter += len(groups)
+            if args.aux_mode == "phase":
+                self._epoch_rollouts.extend(new)
+            else:
+                self._prepare_joint_aux(new)
+
+        # ---- tensors for the sequences in the loss, balanced over ranks and micro-steps
+        kept_idx = keep.nonzero(as_tuple=True)[0].tolist()
+        random.Random(int(torch.randint(0, 2**31 - 1, (1,)).item())).shuffle(kept_idx)  # TRL shuffles too
+        spg = args.steps_per_generation
+        per_step = max(1, math.ceil(self._reduce_max(len(kept_idx)) / spg))
+        order: list[int | None] = []  # None = padding row
+        for j in range(spg):
+            chunk = kept_idx[j::spg]
+            order.extend(chunk + [None] * (per_step - len(chunk)))
+        n_kept_global = int(kept)
+        batch = self._build_tensors(order, prompt_ids, completion_ids, completion_ids_list=completion_ids)
+        batch["advantages"] = torch.tensor(
+            [float(advantages[i]) if i is not None else 0.0 for i in order], device=device)
+        batch["seq_weight"] = torch.tensor([1.0 if i is not None else 0.0 for i in order], device=device)
+        loss_mask = batch["completion_mask"]
+        batch["num_items_in_batch"] = torch.tensor(self._reduce_sum([float(loss_mask.sum())])[0], device=device)
+        batch["num_sequences"] = torch.tensor(float(n_kept_global), device=device)
+        self._add_logps(batch, real=[i is not None for i in order])
+        self._rollout_global_step = self.state.global_step
+        return batch
+
+    def _flush_reward_logs(self):
+        # Reward functions may log metrics (TRL's `log_metric`); average them over all ranks, as TRL does.
+        names = sorted(set(self._pending_metrics)) if self.accelerator.num_processes == 1 else sorted(
+            {k for lst in gather_object([list(self._pending_metrics)]) for k in lst})
+        for name in names:
+            values = self._pending_metrics.get(name, [])
+            total, count = self._reduce_sum([sum(values), len(values)])
+            if count:
+                self._metrics["train"][name].append(total / count)
+        self._pending_metrics.clear()
+        self._pending_extra_logs.clear()
+
+    def _build_tensors(self, order, prompt_ids, completion_ids, completion_ids_list):
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+        p_rows, c_rows = [], []
+        for i in order:
+            if i is None:  # padding row: one attended prompt token, no completion token in the loss
+                p_rows.append([pad_id])
+                c_rows.append([pad_id])
+            else:
+                p_rows.append(prompt_ids[i])
+                c_rows.append(completion_ids[i] or [pad_id])
+        real = torch.tensor([i is not None for i in order], device=device)
+        p = [torch.tensor(x) for x in p_rows]
+        c = [torch.tensor(x) for x in c_rows]
+        ptm = self.pad_to_multiple_of
+        prompt_ids_t = pad(p, padding_value=pad_id, padding_side="left", pad_to_multiple_of=ptm).to(device)
+        prompt_mask = pad([torch.ones_like(x) for x in p], padding_value=0, padding_side="left",
+                          pad_to_multiple_of=ptm).to(device)
+        completion_ids_t = pad(c, padding_value=pad_id, padding_side="right", pad_to_multiple_of=ptm).to(device)
+        completion_mask = pad([torch.ones_like(x) for x in c], padding_value=0, padding_side="right",
+                              pad_to_multiple_of=ptm).to(device)
+        empty = torch.tensor([i is not None and len(completion_ids[i]) == 0 for i in order], device=device)
+        completion_mask = completion_mask * (real & ~empty).unsqueeze(1).long()
+        if self.mask_truncated_completions:
+            eos_and_pad = set(self.eos_token_ids) | {pad_id}
+            cut = torch.tensor([i is not None and (not completion_ids[i] or completion_ids[i][-1] not in eos_and_pad)
+                                for i in order], device=device)
+            completion_mask = completion_mask * (~cut).unsqueeze(1).long()
+        return {"prompt_ids": prompt_ids_t, "prompt_mask": prompt_mask, "completion_ids": completion_ids_t,
+                "completion_mask": completion_mask}
+
+    @torch.no_grad()
+    def _add_logps(self, batch, real: list[bool]):
+        """Reference log-probs (beta != 0) and old log-probs (when a rollout outlives an optimizer step), computed
+        once per rollout for the sequences in the loss only; padding rows get zeros."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        need_old = self.args.gradient_accumulation_steps % generate_every != 0
+        if self.beta == 0.0 and not need_old:
+            return
+        idx = torch.tensor([j for j, r in enumerate(real) if r], dtype=torch.long, device=self.accelerator.device)
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        logits_to_keep = batch["completion_ids"].size(1)
+        bs = self.args.per_device_train_batch_size
+
+        def forward(model):
+            out = torch.zeros(len(real), logits_to_keep, device=self.accelerator.device)
+            if len(idx):
+                logps, _, _ = self._get_per_token_logps_and_entropies(
+                    model, input_ids[idx], attention_mask[idx], logits_to_keep, batch_size=bs)
+                out[idx] = logps.float()
+            return out
+
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if need_old:
+                # Same train-mode forward as the loss's; only used after the policy has changed (see _compute_loss).
+                batch["old_per_token_logps"] = forward(self.model)
+            if self.beta != 0.0:
+                if len(idx):
+                    self.ref_forward_calls += 1
+                    self._stats.ref_forward_sequences += len(idx)  # local count; tests run one process
+                if self.ref_model is not None:
+                    batch["ref_per_token_logps"] = forward(self.ref_model)
+                else:
+                    unwrapped = self.accelerator.unwrap_model(self.model)
+                    name = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
+                    with use_adapter(unwrapped, adapter_name=name):
+                        batch["ref_per_token_logps"] = forward(self.model)
+
+    # ------------------------------------------------------------------------------------------------ loss
+
+    def _compute_loss(self, model, inputs):
+        # Wraps GRPOTrainer._compute_loss in training: old log-probs are the current ones (ratio exactly 1) until
+        # the policy changes, and the loss is normalised by the generation batch's global sequence/token count so
+        # that padding rows and uneven ranks change nothing.
+        if not (self._spark_path and self.model.training and "seq_weight" in inputs):
+            return super()._compute_loss(model, inputs)
+        if self.state.global_step == self._rollout_global_step:
+            inputs = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
+        if self.loss_type == "spark":
+            loss = self._spark_loss(model, inputs)
+        else:
+            n_kl = len(self._metrics["train"]["kl"])
+            loss = super()._compute_loss(model, inputs)
+            if self.loss_type in ("grpo", "sapo", "luspo", "dr_grpo"):
+                # TRL averages over the B rows of the micro-batch; re-weight to the global sequence count.
+                scale = (inputs["prompt_ids"].size(0) * self.accelerator.num_processes * self.args.steps_per_generation
+                         / inputs["num_sequences"].clamp(min=1.0))
+                loss = loss * scale
+            if self.beta != 0.0 and len(self._metrics["train"]["kl"]) > n_kl:
+                tokens = self._reduce_sum([float(inputs["completion_mask"].sum())])[0]
+                self._stats.kl_sum += self._metrics["train"]["kl"][-1] * tokens
+                self._stats.kl_tokens += int(tokens)
+        if self._aux_on and self.args.aux_mode == "joint":
+            loss = loss + self._joint_aux_loss(model)
+        return loss
+
+    def _spark_loss(self, model, inputs):
+        r"""The study's objective, per sequence i of the optimizer step (N of them over all ranks):
+
+            r_t = exp(logp_t - logp_old_t),   k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+            L_i = 1/|o_i| sum_t [ -min(r_t A_i, clip(r_t, 1-eps, 1+eps) A_i) + beta * k3_t ]
+            L   = 1/N sum_i L_i
+
+        The KL is the plain k3 estimator (no importance-ratio correction, unlike TRL's `use_bias_correction_kl`).
+        """
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, mask], dim=1)
+        logps, _, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention_mask, completion_ids.size(1))
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        adv = inputs["advantages"].unsqueeze(1)
+        ratio = torch.exp(logps - old)
+        clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+        if self.beta != 0.0:
+            delta = inputs["ref_per_token_logps"] - logps
+            kl = torch.exp(delta) - delta - 1
+            per_token = per_token + self.beta * kl
+        maskf = mask.float()
+        tokens = maskf.sum(-1)
+        per_seq = (per_token * maskf).sum(-1) / tokens.clamp(min=1.0)
+        # DDP averages gradients over ranks, hence num_processes; the generation batch spans steps_per_generation
+        # micro-steps of which an optimizer step takes gradient_accumulation_steps.
+        norm = (self.accelerator.num_processes * self.args.steps_per_generation
+                / (self.current_gradient_accumulation_steps * inputs["num_sequences"].clamp(min=1.0)))
+        loss = (per_seq * inputs["seq_weight"]).sum() * norm
+
+        # Metrics (global); tokens of padding rows are masked out.
+        m = self._metrics["train"]
+        stats = [float((ratio.detach() * maskf).sum()), float(maskf.sum())]
+        low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
+        high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
+        stats += [float((low * maskf).sum()), float((high * maskf).sum())]
+        if self.beta != 0.0:
+            stats.append(float((kl.detach() * maskf).sum()))
+        red = self._reduce_sum(stats)
+        tok = max(red[1], 1.0)
+        m["ratio_mean"].append(red[0] / tok)
+        m["clip_ratio/low_mean"].append(red[2] / tok)
+        m["clip_ratio/high_mean"].append(red[3] / tok)
+        m["clip_ratio/region_mean"].append((red[2] + red[3]) / tok)
+        if self.beta != 0.0:
+            m["kl"].append(red[4] / tok)
+            self._stats.kl_sum += red[4]
+            self._stats.kl_tokens += int(red[1])
+        return loss
+
+    # ------------------------------------------------------------------------------------------------ auxiliary
+
+    def _prepare_joint_aux(self, rollouts: list[Rollout]):
+        examples = [e for e in self.aux_objective.build(rollouts) if e.weight > 0]
+        for e in examples:
+            self._stats.aux_examples[e.kind] += 1
+        random.Random(self.args.seed + self._group_counter).shuffle(examples)
+        spg = self.args.steps_per_generation
+        self._joint_aux_batches = [examples[j::spg] for j in range(spg)]
+
+    def _joint_aux_loss(self, model):
+        batch = self._joint_aux_batches[self._step % self.args.steps_per_generation] if self._joint_aux_batches else []
+        if not batch:
+            return 0.0
+        # The unwrapped model: a second forward through the DDP wrapper before one backward is not allowed; the
+        # gradients still reach the shared parameters and are reduced with the GRPO loss's.
+        aux = self.aux_objective.loss(self.accelerator.unwrap_model(model), batch)
+        self._stats.aux_loss_sum += float(aux.detach())
+        self._stats.aux_steps += 1
+        self._metrics["train"]["aux/loss"].append(float(aux.detach()))
+        return self.args.aux_loss_scale * aux / self.current_gradient_accumulation_steps
+
+    def _run_aux_phase(self):
+        """One auxiliary epoch over this epoch's rollouts (the study's Condition C), with the trainer's optimizer.
+
+        Every rank runs the same number of optimizer steps: ranks with fewer examples pad with weight-0 batches,
+        whose zero loss still joins the gradient all-reduce. No step is taken when no rank has an example.
+        """
+        objective = self.aux_objective
+        examples = [e for e in objective.build(self._epoch_rollouts) if e.weight > 0]
+        self._epoch_rollouts = []
+        for e in examples:
+            self._stats.aux_examples[e.kind] += 1
+        random.Random(self.args.seed + int(self.state.epoch or 0)).shuffle(examples)
+        bs = self.args.aux_batch_size
+        batches = [examples[i:i + bs] for i in range(0, len(examples), bs)]
+        n_steps = self._reduce_max(len(batches))
+        if n_steps == 0:
+            return
+        model = self.model_wrapped
+        model.train()
+        optimizer = self.optimizer
+        scale = self.args.aux_loss_scale
+        for step in range(n_steps):
+            if step < len(batches):
+                batch, weight = batches[step], 1.0
+            else:
+                batch, weight = [examples[0] if examples else objective.dummy_example()], 0.0
+            with self.accelerator.autocast():
+                aux = objective.loss(model, batch)
+            self.accelerator.backward(aux * scale * weight)
+            if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            if weight:
+                self._stats.aux_loss_sum += float(aux.detach())
+                self._stats.aux_steps += 1
+
+
+def _group_std(r: torch.Tensor, kind: str) -> float:
+    """Std of a group's finite rewards: population (divide by n) or sample (n - 1); 0 with fewer than 2."""
+    r = r[~torch.isnan(r)]
+    if r.numel() < 2:
+        return 0.0
+    return float(r.double().std(correction=0 if kind == "population" else 1))
+
+
+def _text(completion) -> str:
+    if isinstance(completion, list):
+        return completion[-1]["content"] if completion else ""
+    return completion
