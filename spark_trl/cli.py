@@ -32,6 +32,8 @@ def _split(argv: list[str]) -> int:
 # name -> (module, function, one-line help). Functions take argv and return an exit code.
 COMMANDS = {
     "split": (__name__, "_split", "show the study's MBPP split"),
+    "eval": ("spark_trl.evaluation", "eval_main", "pass@k of a model / adapter on HumanEval and held-out MBPP"),
+    "train": ("spark_trl.runner", "train_main", "run the study (a recipe: --recipe condition_a)"),
 }
 
 
