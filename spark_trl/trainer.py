@@ -471,28 +471,16 @@ class SparkGRPOTrainer(GRPOTrainer):
 
         rewards_per_func, rewards, gof = group_stats()
         n = len(rows)
-        advantages = torch.zeros(n, device=device)
-        keep = torch.zeros(n, dtype=torch.bool, device=device)
-        no_variance = [False] * len(groups)
-        for g in range(len(groups)):
-            idx = (gof == g).nonzero(as_tuple=True)[0]
-            r = rewards[idx]
-            std = _group_std(r, args.advantage_std)
-            no_variance[g] = bool(_group_std(r, "population") <= args.adaptive_std_threshold)
-            if no_variance[g]:
-                adv = torch.zeros_like(r)
-            else:
-                adv = r - torch.nanmean(r)
-                if args.scale_rewards == "group":
-                    adv = adv / (std + args.advantage_epsilon)
-            adv = torch.nan_to_num(adv, nan=0.0)
-            advantages[idx] = adv
-            if args.skip_zero_advantage == "none":
-                keep[idx] = True
-            elif args.skip_zero_advantage == "group":
-                keep[idx] = not no_variance[g]
-            else:
-                keep[idx] = adv.abs() >= args.advantage_epsilon
+        advantages, no_variance_t = group_advantages(
+            rewards, gof, std=args.advantage_std, epsilon=args.advantage_epsilon,
+            threshold=args.adaptive_std_threshold, scale=args.scale_rewards == "group")
+        no_variance = no_variance_t.tolist()
+        if args.skip_zero_advantage == "none":
+            keep = torch.ones(n, dtype=torch.bool, device=device)
+        elif args.skip_zero_advantage == "group":
+            keep = ~no_variance_t.to(device)[gof]
+        else:
+            keep = advantages.abs() >= args.advantage_epsilon
 
         # ---- statistics (global) and logging
         lengths = [len(c) for c in completion_ids]
@@ -581,19 +569,23 @@ class SparkGRPOTrainer(GRPOTrainer):
         random.Random(int(torch.randint(0, 2**31 - 1, (1,)).item())).shuffle(kept_idx)  # TRL shuffles too
         spg = args.steps_per_generation
         per_step = max(1, math.ceil(self._reduce_max(len(kept_idx)) / spg))
-        order: list[int | None] = []  # None = padding row
+        # Row j of the batch shows sample src[j]; real[j] is False for padding rows, which copy a kept sample of
+        # this rank (or a one-token dummy, src None, when it has none) and carry no weight and no loss token.
+        src: list[int | None] = []
+        real: list[bool] = []
         for j in range(spg):
             chunk = kept_idx[j::spg]
-            order.extend(chunk + [None] * (per_step - len(chunk)))
-        n_kept_global = int(kept)
-        batch = self._build_tensors(order, prompt_ids, completion_ids, completion_ids_list=completion_ids)
+            fill = per_step - len(chunk)
+            src.extend(chunk + [kept_idx[(j + f) % len(kept_idx)] if kept_idx else None for f in range(fill)])
+            real.extend([True] * len(chunk) + [False] * fill)
+        batch = self._build_tensors(src, real, prompt_ids, completion_ids)
         batch["advantages"] = torch.tensor(
-            [float(advantages[i]) if i is not None else 0.0 for i in order], device=device)
-        batch["seq_weight"] = torch.tensor([1.0 if i is not None else 0.0 for i in order], device=device)
-        loss_mask = batch["completion_mask"]
+            [float(advantages[i]) if r else 0.0 for i, r in zip(src, real)], device=device)
+        batch["seq_weight"] = torch.tensor([1.0 if r else 0.0 for r in real], device=device)
+        loss_mask = batch["completion_mask"] * batch["tool_mask"]
         batch["num_items_in_batch"] = torch.tensor(self._reduce_sum([float(loss_mask.sum())])[0], device=device)
-        batch["num_sequences"] = torch.tensor(float(n_kept_global), device=device)
-        self._add_logps(batch, real=[i is not None for i in order])
+        batch["num_sequences"] = torch.tensor(float(kept), device=device)
+        self._add_logps(batch, src, real)
         self._rollout_global_step = self.state.global_step
         return batch
 
@@ -609,20 +601,14 @@ class SparkGRPOTrainer(GRPOTrainer):
         self._pending_metrics.clear()
         self._pending_extra_logs.clear()
 
-    def _build_tensors(self, order, prompt_ids, completion_ids, completion_ids_list):
+    def _build_tensors(self, src, real, prompt_ids, completion_ids):
+        """Padded tensors as TRL's loss expects them. A padding row is an exact copy of its source row (so every
+        log-prob computed on it is finite and equal to the source's) and is kept out of the loss by `tool_mask`,
+        which TRL's `_compute_loss` multiplies into its loss mask (and `_spark_loss` too)."""
         device = self.accelerator.device
         pad_id = self._tokenizer.pad_token_id
-        p_rows, c_rows = [], []
-        for i in order:
-            if i is None:  # padding row: one attended prompt token, no completion token in the loss
-                p_rows.append([pad_id])
-                c_rows.append([pad_id])
-            else:
-                p_rows.append(prompt_ids[i])
-                c_rows.append(completion_ids[i] or [pad_id])
-        real = torch.tensor([i is not None for i in order], device=device)
-        p = [torch.tensor(x) for x in p_rows]
-        c = [torch.tensor(x) for x in c_rows]
+        p = [torch.tensor(prompt_ids[i] if i is not None else [pad_id]) for i in src]
+        c = [torch.tensor((completion_ids[i] or [pad_id]) if i is not None else [pad_id]) for i in src]
         ptm = self.pad_to_multiple_of
         prompt_ids_t = pad(p, padding_value=pad_id, padding_side="left", pad_to_multiple_of=ptm).to(device)
         prompt_mask = pad([torch.ones_like(x) for x in p], padding_value=0, padding_side="left",
@@ -630,46 +616,53 @@ class SparkGRPOTrainer(GRPOTrainer):
         completion_ids_t = pad(c, padding_value=pad_id, padding_side="right", pad_to_multiple_of=ptm).to(device)
         completion_mask = pad([torch.ones_like(x) for x in c], padding_value=0, padding_side="right",
                               pad_to_multiple_of=ptm).to(device)
-        empty = torch.tensor([i is not None and len(completion_ids[i]) == 0 for i in order], device=device)
-        completion_mask = completion_mask * (real & ~empty).unsqueeze(1).long()
-        if self.mask_truncated_completions:
-            eos_and_pad = set(self.eos_token_ids) | {pad_id}
-            cut = torch.tensor([i is not None and (not completion_ids[i] or completion_ids[i][-1] not in eos_and_pad)
-                                for i in order], device=device)
-            completion_mask = completion_mask * (~cut).unsqueeze(1).long()
+        eos_and_pad = set(self.eos_token_ids) | {pad_id}
+        attend = []  # TRL's completion_mask: empty completions and (optionally) truncated ones are masked
+        for i in src:
+            ok = i is None or len(completion_ids[i]) > 0
+            if ok and i is not None and self.mask_truncated_completions:
+                ok = completion_ids[i][-1] in eos_and_pad
+            attend.append(ok)
+        completion_mask = completion_mask * torch.tensor(attend, device=device).unsqueeze(1).long()
+        tool_mask = torch.tensor(real, device=device).unsqueeze(1).long().expand_as(completion_mask).contiguous()
         return {"prompt_ids": prompt_ids_t, "prompt_mask": prompt_mask, "completion_ids": completion_ids_t,
-                "completion_mask": completion_mask}
+                "completion_mask": completion_mask, "tool_mask": tool_mask}
 
     @torch.no_grad()
-    def _add_logps(self, batch, real: list[bool]):
+    def _add_logps(self, batch, src, real):
         """Reference log-probs (beta != 0) and old log-probs (when a rollout outlives an optimizer step), computed
-        once per rollout for the sequences in the loss only; padding rows get zeros."""
+        once per rollout, for the sequences in the loss only; padding rows copy those of the row they repeat."""
         generate_every = self.args.steps_per_generation * self.num_iterations
         need_old = self.args.gradient_accumulation_steps % generate_every != 0
         if self.beta == 0.0 and not need_old:
             return
-        idx = torch.tensor([j for j, r in enumerate(real) if r], dtype=torch.long, device=self.accelerator.device)
-        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        device = self.accelerator.device
+        # One forward row per distinct sample (the real rows, or the dummy row of a rank without any).
+        first: dict = {}
+        for j, (i, r) in enumerate(zip(src, real)):
+            if r or i is None:
+                first.setdefault(i, j)
+        rows = torch.tensor(sorted(first.values()), dtype=torch.long, device=device)
+        position = torch.empty(len(src), dtype=torch.long, device=device)
+        position[rows] = torch.arange(len(rows), device=device)
+        take = position[torch.tensor([first[i] for i in src], dtype=torch.long, device=device)]
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)[rows]
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)[rows]
         logits_to_keep = batch["completion_ids"].size(1)
         bs = self.args.per_device_train_batch_size
 
         def forward(model):
-            out = torch.zeros(len(real), logits_to_keep, device=self.accelerator.device)
-            if len(idx):
-                logps, _, _ = self._get_per_token_logps_and_entropies(
-                    model, input_ids[idx], attention_mask[idx], logits_to_keep, batch_size=bs)
-                out[idx] = logps.float()
-            return out
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=bs)
+            return logps.float()[take]
 
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if need_old:
                 # Same train-mode forward as the loss's; only used after the policy has changed (see _compute_loss).
                 batch["old_per_token_logps"] = forward(self.model)
             if self.beta != 0.0:
-                if len(idx):
-                    self.ref_forward_calls += 1
-                    self._stats.ref_forward_sequences += len(idx)  # local count; tests run one process
+                self.ref_forward_calls += 1
+                self._stats.ref_forward_sequences += sum(real)  # this rank's count
                 if self.ref_model is not None:
                     batch["ref_per_token_logps"] = forward(self.ref_model)
                 else:
@@ -699,7 +692,7 @@ class SparkGRPOTrainer(GRPOTrainer):
                          / inputs["num_sequences"].clamp(min=1.0))
                 loss = loss * scale
             if self.beta != 0.0 and len(self._metrics["train"]["kl"]) > n_kl:
-                tokens = self._reduce_sum([float(inputs["completion_mask"].sum())])[0]
+                tokens = self._reduce_sum([float((inputs["completion_mask"] * inputs["tool_mask"]).sum())])[0]
                 self._stats.kl_sum += self._metrics["train"]["kl"][-1] * tokens
                 self._stats.kl_tokens += int(tokens)
         if self._aux_on and self.args.aux_mode == "joint":
@@ -707,53 +700,41 @@ class SparkGRPOTrainer(GRPOTrainer):
         return loss
 
     def _spark_loss(self, model, inputs):
-        r"""The study's objective, per sequence i of the optimizer step (N of them over all ranks):
-
-            r_t = exp(logp_t - logp_old_t),   k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
-            L_i = 1/|o_i| sum_t [ -min(r_t A_i, clip(r_t, 1-eps, 1+eps) A_i) + beta * k3_t ]
-            L   = 1/N sum_i L_i
-
-        The KL is the plain k3 estimator (no importance-ratio correction, unlike TRL's `use_bias_correction_kl`).
-        """
+        """`loss_type="spark"`: see `spark_policy_loss`; normalised over the N sequences of the optimizer step."""
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, mask], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         logps, _, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention_mask, completion_ids.size(1))
         old = inputs.get("old_per_token_logps")
-        old = logps.detach() if old is None else old
-        adv = inputs["advantages"].unsqueeze(1)
-        ratio = torch.exp(logps - old)
-        clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        per_token = -torch.min(ratio * adv, clipped * adv)
-        if self.beta != 0.0:
-            delta = inputs["ref_per_token_logps"] - logps
-            kl = torch.exp(delta) - delta - 1
-            per_token = per_token + self.beta * kl
-        maskf = mask.float()
-        tokens = maskf.sum(-1)
-        per_seq = (per_token * maskf).sum(-1) / tokens.clamp(min=1.0)
+        mask = completion_mask * inputs["tool_mask"]
+        per_seq, ratio, kl = spark_policy_loss(
+            logps, logps.detach() if old is None else old, inputs.get("ref_per_token_logps"), inputs["advantages"],
+            mask, self.epsilon_low, self.epsilon_high, self.beta)
         # DDP averages gradients over ranks, hence num_processes; the generation batch spans steps_per_generation
         # micro-steps of which an optimizer step takes gradient_accumulation_steps.
         norm = (self.accelerator.num_processes * self.args.steps_per_generation
                 / (self.current_gradient_accumulation_steps * inputs["num_sequences"].clamp(min=1.0)))
         loss = (per_seq * inputs["seq_weight"]).sum() * norm
 
-        # Metrics (global); tokens of padding rows are masked out.
-        m = self._metrics["train"]
-        stats = [float((ratio.detach() * maskf).sum()), float(maskf.sum())]
+        # Metrics, global over ranks; padding rows are masked out.
+        maskf = mask.float()
+        adv = inputs["advantages"].unsqueeze(1)
+        ratio = ratio.detach()
         low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
         high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
-        stats += [float((low * maskf).sum()), float((high * maskf).sum())]
-        if self.beta != 0.0:
+        stats = [float((ratio * maskf).sum()), float(maskf.sum()), float((low * maskf).sum()),
+                 float((high * maskf).sum())]
+        if kl is not None:
             stats.append(float((kl.detach() * maskf).sum()))
         red = self._reduce_sum(stats)
         tok = max(red[1], 1.0)
+        m = self._metrics["train"]
         m["ratio_mean"].append(red[0] / tok)
         m["clip_ratio/low_mean"].append(red[2] / tok)
         m["clip_ratio/high_mean"].append(red[3] / tok)
         m["clip_ratio/region_mean"].append((red[2] + red[3]) / tok)
-        if self.beta != 0.0:
+        if kl is not None:
             m["kl"].append(red[4] / tok)
             self._stats.kl_sum += red[4]
             self._stats.kl_tokens += int(red[1])
@@ -817,6 +798,68 @@ class SparkGRPOTrainer(GRPOTrainer):
             if weight:
                 self._stats.aux_loss_sum += float(aux.detach())
                 self._stats.aux_steps += 1
+
+
+def spark_policy_loss(logps, old_logps, ref_logps, advantages, mask, epsilon_low=0.2, epsilon_high=0.2, beta=0.0):
+    r"""The study's per-sequence loss (PPO-clip surrogate plus the k3 KL estimator), as in the GRPO paper:
+
+        r_t   = exp(logp_t - logp_old_t)
+        k3_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+        L_i   = 1/|o_i| sum_t [ -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_t ]
+
+    The KL is the plain k3 estimator: no importance-ratio correction (TRL's `use_bias_correction_kl`).
+    Returns (L_i of shape (B,), r of shape (B, T), k3 of shape (B, T) or None when beta == 0).
+
+    Example:
+    ```python
+    >>> logps = torch.log(torch.tensor([[0.5, 0.25]]))
+    >>> loss, ratio, kl = spark_policy_loss(logps, logps, None, torch.tensor([1.0]), torch.ones(1, 2))
+    >>> float(loss[0]), float(ratio.mean())
+    (-1.0, 1.0)
+    ```
+    """
+    adv = advantages.unsqueeze(1)
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    maskf = mask.to(per_token.dtype)
+    per_seq = (per_token * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)
+    return per_seq, ratio, kl
+
+
+def group_advantages(rewards: torch.Tensor, group_of: torch.Tensor, std: str = "population", epsilon: float = 1e-8,
+                     threshold: float = 1e-8, scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages z-scored within each group (groups may differ in size), and which groups have no variance.
+
+    A group whose finite rewards have population std <= `threshold` gets zero advantages; NaN rewards (no reward
+    function scored the completion) get zero and are left out of the group's mean and std.
+
+    Example:
+    ```python
+    >>> adv, flat = group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 2.0]), torch.tensor([0, 0, 0, 0, 1, 1]))
+    >>> [round(a, 4) for a in adv.tolist()], flat.tolist()
+    ([1.0, -1.0, 1.0, -1.0, 0.0, 0.0], [False, True])
+    ```
+    """
+    n_groups = int(group_of.max()) + 1 if group_of.numel() else 0
+    advantages = torch.zeros_like(rewards, dtype=torch.float32)
+    no_variance = torch.zeros(n_groups, dtype=torch.bool)
+    for g in range(n_groups):
+        idx = (group_of == g).nonzero(as_tuple=True)[0]
+        r = rewards[idx].float()
+        no_variance[g] = _group_std(r, "population") <= threshold
+        if no_variance[g]:
+            continue
+        adv = r - torch.nanmean(r)
+        if scale:
+            adv = adv / (_group_std(r, std) + epsilon)
+        advantages[idx] = torch.nan_to_num(adv, nan=0.0)
+    return advantages, no_variance
 
 
 def _group_std(r: torch.Tensor, kind: str) -> float:
