@@ -270,6 +270,51 @@ def _first_error_type(outcome) -> str | None:
     return None
 
 
+def score_completions(problems: Sequence[Problem], completions: Sequence[Sequence[str]], executor,
+                      name: str = "eval", timeout: float | None = None, indices: Sequence[int] | None = None,
+                      progress: bool = False) -> list[dict]:
+    """Run every completion in the sandbox; one record per problem with its samples (completion, executed
+    program, status, error type, tests passed).
+
+    Example:
+    ```python
+    >>> from spark_trl.sandbox import Executor
+    >>> records = score_completions(problems, [[p.reference] for p in problems], Executor())
+    >>> records[0]["samples"][0]["passed"]
+    True
+    ```
+    """
+    jobs, codes = build_jobs(problems, completions, timeout)
+    outcomes = executor.run(jobs, progress=progress) if jobs else []
+    records, k = [], 0
+    for index, problem, samples in zip(indices if indices is not None else range(len(problems)), problems,
+                                       completions):
+        record = {"index": index, "task_id": problem.task_id, "samples": []}
+        for j, completion in enumerate(samples):
+            outcome = outcomes[k]
+            record["samples"].append({
+                "benchmark": name, "task_id": problem.task_id, "sample": j, "completion": completion,
+                "code": codes[k], "status": outcome.status.value, "error_type": _first_error_type(outcome),
+                "error_tail": outcome.error_tail, "tests_passed": outcome.passed, "tests_total": outcome.total,
+                "passed": outcome.all_passed})
+            k += 1
+        records.append(record)
+    return records
+
+
+def summarize(records: Sequence[dict], ks: Sequence[int]) -> tuple[dict[int, float], list[dict], dict[str, int]]:
+    """(pass@k for each k, per-problem n/c, status counts) of scored records."""
+    per_problem, statuses = [], {}
+    for record in sorted(records, key=lambda r: r["index"]):
+        c = sum(s["passed"] for s in record["samples"])
+        per_problem.append({"task_id": record["task_id"], "n": len(record["samples"]), "c": c})
+        for s in record["samples"]:
+            statuses[s["status"]] = statuses.get(s["status"], 0) + 1
+    pass_at = {k: sum(pass_at_k(p["n"], p["c"], k) for p in per_problem) / len(per_problem)
+               for k in ks if all(k <= p["n"] for p in per_problem)}
+    return pass_at, per_problem, statuses
+
+
 def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: EvalConfig, name: str = "eval",
                       samples_path: str | os.PathLike | None = None, executor=None,
                       model_name_or_path: str | None = None, adapter: str | None = None,
@@ -291,7 +336,6 @@ def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: Eva
 
     if not problems:
         raise ValueError(f"{name}: no problems to evaluate")
-    ks = [k for k in config.ks if k <= config.n_samples]
     state = PartialState()
     rank, world = state.process_index, state.num_processes
     local = list(range(rank, len(problems), world))
@@ -304,31 +348,12 @@ def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: Eva
                 completions = generate_vllm(model_name_or_path or model.name_or_path, prompts, config, adapter)
             else:
                 completions = generate(model, tokenizer, prompts, config, on_batch=on_batch)
-        jobs, codes = build_jobs(mine, completions, config.timeout)
-        executor = executor or _executor(config)
-        outcomes = executor.run(jobs, progress=config.progress)
-        k = 0
-        for index, problem, samples in zip(local, mine, completions):
-            record = {"index": index, "task_id": problem.task_id, "samples": []}
-            for j, completion in enumerate(samples):
-                outcome = outcomes[k]
-                record["samples"].append({
-                    "benchmark": name, "task_id": problem.task_id, "sample": j, "completion": completion,
-                    "code": codes[k], "status": outcome.status.value, "error_type": _first_error_type(outcome),
-                    "error_tail": outcome.error_tail, "tests_passed": outcome.passed, "tests_total": outcome.total,
-                    "passed": outcome.all_passed})
-                k += 1
-            records.append(record)
+        records = score_completions(mine, completions, executor or _executor(config), name, config.timeout,
+                                    indices=local, progress=config.progress)
     if world > 1:
         records = gather_object(records)
     records.sort(key=lambda r: r["index"])
-    per_problem, statuses = [], {}
-    for record in records:
-        c = sum(s["passed"] for s in record["samples"])
-        per_problem.append({"task_id": record["task_id"], "n": len(record["samples"]), "c": c})
-        for s in record["samples"]:
-            statuses[s["status"]] = statuses.get(s["status"], 0) + 1
-    pass_at = {k: sum(pass_at_k(p["n"], p["c"], k) for p in per_problem) / len(per_problem) for k in ks}
+    pass_at, per_problem, statuses = summarize(records, config.ks)
     if samples_path is not None and state.is_main_process:
         samples_path = Path(samples_path)
         samples_path.parent.mkdir(parents=True, exist_ok=True)

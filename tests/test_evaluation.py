@@ -1,0 +1,236 @@
+"""Evaluation: the pass@k estimator, batched generation, the isolated RNG, scoring through the sandbox, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import sys
+import types
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from spark_trl.evaluation import (EvalConfig, build_jobs, chat_prompts, eval_main, evaluate_problems, generate,
+                                  generate_vllm, isolated_rng, pass_at_k, score_completions, summarize)
+
+
+def _brute_pass_at_k(n, c, k):
+    """Share of the k-subsets of n samples (c correct) holding at least one correct sample."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 1), (5, 1, 5), (5, 3, 2), (10, 3, 5), (7, 6, 3),
+                                   (10, 0, 10), (6, 6, 1)])
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    for n, c, k in [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)]:
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+
+
+def test_isolated_rng_restores_every_generator_and_is_reproducible():
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    with isolated_rng(123):
+        inside = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    # The draws after the block are those that would have come without it.
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    with isolated_rng(123):
+        again = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    assert inside == again
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    from spark_trl.models import load_model, load_tokenizer
+
+    return load_model(tiny_model_path, dtype="float32", check_memory=False), load_tokenizer(tiny_model_path)
+
+
+def test_left_padded_batches_generate_what_single_prompts_do(tiny, mbpp_problems):
+    model, tokenizer = tiny
+    prompts = chat_prompts(tokenizer, mbpp_problems[:3])
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1  # really padded
+    greedy = EvalConfig(n_samples=1, temperature=0.0, max_new_tokens=6, batch_size=8, progress=False)
+    batched = generate(model, tokenizer, prompts, greedy)
+    single = [generate(model, tokenizer, [p], replace(greedy, batch_size=1))[0] for p in prompts]
+    assert batched == single
+
+
+def test_generation_halves_the_batch_on_out_of_memory(tiny, mbpp_problems):
+    model, tokenizer = tiny
+    prompts = chat_prompts(tokenizer, mbpp_problems[:3])
+    seen = []
+
+    def on_batch(size):  # an accelerator that only holds 2 sequences at once
+        seen.append(size)
+        if size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    config = EvalConfig(n_samples=2, max_new_tokens=3, batch_size=8, progress=False)
+    with isolated_rng(0):
+        out = generate(model, tokenizer, prompts, config, on_batch=on_batch)
+    assert seen == [6, 4, 2, 2, 2]  # 6 sequences: a batch of 6 fails, of 4 fails, then batches of 2
+    assert [len(o) for o in out] == [2, 2, 2]
+
+    def always(size):
+        raise torch.OutOfMemoryError("injected")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(model, tokenizer, prompts[:1], config, on_batch=always)
+
+
+def test_generate_restores_training_mode(tiny, mbpp_problems):
+    model, tokenizer = tiny
+    model.train()
+    generate(model, tokenizer, chat_prompts(tokenizer, mbpp_problems[:1]),
+             EvalConfig(n_samples=1, max_new_tokens=2, progress=False))
+    assert model.training
+    model.eval()
+
+
+def test_humaneval_program_keeps_the_prompt_prelude(humaneval_problems):
+    """HumanEval/0's prompt imports List; a completion restating only the function must still pass."""
+    from spark_trl.sandbox import Executor
+
+    problem = humaneval_problems[0]
+    assert "from typing import List" in problem.test_setup
+    body = problem.reference.split('"""')[-1]
+    completion = ("```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+                  + body + "\n```")
+    broken = "```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    return True\n```"
+    records = score_completions([problem], [[completion, broken]], Executor(workers=2), name="humaneval")
+    samples = records[0]["samples"]
+    assert samples[0]["passed"] and samples[0]["status"] == "passed"
+    assert not samples[1]["passed"] and samples[1]["status"] == "wrong_answer"
+    assert samples[1]["error_type"] == "AssertionError"
+    # The same program without the prelude fails: what the study's evaluation did to such completions.
+    jobs, _ = build_jobs([problem], [[completion]])
+    no_prelude = replace(jobs[0], setup="")
+    assert not Executor(workers=1).run([no_prelude])[0].all_passed
+
+
+def test_scoring_and_summary_count_only_programs_passing_every_test(mbpp_problems):
+    from spark_trl.sandbox import Executor
+
+    problems = mbpp_problems[:2]
+    first_test = problems[1].tests[0]
+    wrong = f"def {problems[1].entry_point}(*a):\n    return None"
+    completions = [[p.reference for _ in range(2)] + ["def nope(:"] for p in problems[:1]]
+    completions.append([wrong, "import sys\nsys.exit(0)", problems[1].reference])
+    records = score_completions(problems, completions, Executor(workers=2), name="mbpp")
+    pass_at, per_problem, statuses = summarize(records, ks=(1, 2))
+    assert [p["c"] for p in per_problem] == [2, 1]
+    assert pass_at[1] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert pass_at[2] == pytest.approx((pass_at_k(3, 2, 2) + pass_at_k(3, 1, 2)) / 2)
+    assert statuses.get("syntax_error") == 1
+    assert records[1]["samples"][1]["passed"] is False  # sys.exit(0) is not a pass
+    assert first_test  # problems have tests
+
+
+def test_evaluate_writes_every_sample_and_leaves_the_rng_alone(tiny, mbpp_problems, tmp_path):
+    model, tokenizer = tiny
+    config = EvalConfig(n_samples=2, max_new_tokens=4, batch_size=4, seed=5, progress=False, workers=2)
+    torch.manual_seed(0)
+    before = torch.get_rng_state().clone()
+    path = tmp_path / "samples.jsonl"
+    result = evaluate_problems(model, tokenizer, mbpp_problems[:3], config, name="mbpp", samples_path=path)
+    assert torch.equal(torch.get_rng_state(), before)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 6
+    assert {"task_id", "completion", "code", "status", "error_type", "tests_passed", "tests_total"} <= set(rows[0])
+    assert [r["task_id"] for r in rows[::2]] == [p.task_id for p in mbpp_problems[:3]]
+    assert result.n_problems == 3 and set(result.pass_at) == {1}  # pass@5 needs 5 samples
+    again = evaluate_problems(model, tokenizer, mbpp_problems[:3], config, name="mbpp")
+    assert [s for r in again.per_problem for s in r.values()] == [s for r in result.per_problem for s in r.values()]
+    assert [r["completion"] for r in rows] == [json.loads(line)["completion"]
+                                               for line in path.read_text().splitlines()]
+
+
+def test_vllm_option_reaches_sampling_params(monkeypatch):
+    """vLLM cannot be installed here: check the wiring with a stand-in module recording its arguments."""
+    calls = {}
+    fake = types.ModuleType("vllm")
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            calls["params"] = kw
+
+    class LLM:
+        def __init__(self, **kw):
+            calls["llm"] = kw
+
+        def generate(self, prompts, params, lora_request=None):
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{p}-{i}") for i in range(3)])
+                    for p in prompts]
+
+    fake.SamplingParams, fake.LLM = SamplingParams, LLM
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    config = EvalConfig(n_samples=3, temperature=0.2, top_p=0.95, max_new_tokens=512, seed=7, use_vllm=True)
+    out = generate_vllm("some/model", ["a", "b"], config)
+    assert calls["params"] == {"n": 3, "temperature": 0.2, "top_p": 0.95, "max_tokens": 512, "seed": 7}
+    assert calls["llm"]["model"] == "some/model"
+    assert out == [["a-0", "a-1", "a-2"], ["b-0", "b-1", "b-2"]]
+
+
+def test_eval_cli_refuses_bad_input_before_loading(tiny_model_path, tmp_path, capsys):
+    assert eval_main(["--model_name_or_path", tiny_model_path, "--adapter", str(tmp_path / "nope"),
+                      "--output_dir", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert eval_main(["--model_name_or_path", tiny_model_path, "--adapter", tiny_model_path,
+                      "--output_dir", str(tmp_path / "o")]) == 2
+    assert "not a PEFT adapter" in capsys.readouterr().err
+    assert eval_main(["--model_name_or_path", tiny_model_path, "--use_vllm", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "vLLM" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_cli_on_base_adapter_and_merged(tiny_model_path, mbpp_path, tmp_path, capsys):
+    from peft import get_peft_model
+
+    from spark_trl.models import load_model, lora_config
+
+    # An adapter whose weights are not zero, so that base and base + adapter really differ.
+    peft_model = get_peft_model(load_model(tiny_model_path, dtype="float32", check_memory=False),
+                                lora_config(target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    merged = tmp_path / "merged"
+    peft_model.merge_and_unload().save_pretrained(merged)
+    load_tokenizer_from = tiny_model_path
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(load_tokenizer_from).save_pretrained(merged)
+    common = ["--benchmarks", "mbpp-heldout", "--mbpp", str(mbpp_path), "--limit", "2", "--n_samples", "2",
+              "--max_new_tokens", "4", "--temperature", "0", "--no_progress", "--workers", "2"]
+    completions = {}
+    for label, model_args in {"base": ["--model_name_or_path", tiny_model_path],
+                              "adapter": ["--model_name_or_path", tiny_model_path, "--adapter", str(adapter)],
+                              "adapter_only": ["--model", str(adapter)],
+                              "merged": ["--model", str(merged)]}.items():
+        out = tmp_path / label
+        assert eval_main(model_args + common + ["--output_dir", str(out)]) == 0, label
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["results"]["mbpp-heldout"]["problems"] == 2
+        completions[label] = [json.loads(x)["completion"]
+                              for x in (out / "mbpp-heldout.samples.jsonl").read_text().splitlines()]
+    assert "pass@1" in capsys.readouterr().out
+    assert completions["adapter"] == completions["adapter_only"] == completions["merged"]
+    assert completions["adapter"] != completions["base"]
