@@ -369,9 +369,10 @@ def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: Eva
 
 
 def _executor(config: EvalConfig):
-    from .sandbox import Executor
+    from .sandbox import get_executor
 
-    return Executor(workers=config.workers, timeout=config.timeout)
+    # The process-wide pool: its judges start once and are shared with the training reward.
+    return get_executor(workers=config.workers, timeout=config.timeout)
 
 
 def evaluate(model, tokenizer, benchmarks: dict[str, Sequence[Problem]], config: EvalConfig,

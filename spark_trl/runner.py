@@ -421,8 +421,9 @@ class StudyRunner:
     """Holds a study's trainer, data and state; ``run()`` runs it. Most users call ``run_study``."""
 
     def __init__(self, study: StudyArguments, training_args, model_args, train_problems=None, eval_sets=None,
-                 command: str | None = None, progress: bool = True):
+                 command: str | None = None, progress: bool = True, callbacks: Sequence[TrainerCallback] = ()):
         self.study, self.args, self.model_args = study, training_args, model_args
+        self.extra_callbacks = list(callbacks)
         self.output_dir = Path(training_args.output_dir)
         self.train_problems, self.eval_sets = train_problems, eval_sets
         self.command = command
@@ -504,6 +505,8 @@ class StudyRunner:
                                         train_dataset=dataset, processing_class=tokenizer,
                                         peft_config=get_peft_config(margs))
         self.trainer.add_callback(self.callback)
+        for callback in self.extra_callbacks:
+            self.trainer.add_callback(callback)
         self._guard_training_step()
         return self.trainer
 
@@ -733,11 +736,13 @@ class StudyRunner:
 
 
 def run_study(study: StudyArguments, training_args, model_args, train_problems=None, eval_sets=None, model=None,
-              tokenizer=None, command: str | None = None, progress: bool = True) -> dict:
+              tokenizer=None, command: str | None = None, progress: bool = True,
+              callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Run (or resume) a study; returns ``{"status", "exit_code", "rows", ...}``.
 
     ``train_problems`` (a list of ``Problem``) and ``eval_sets`` (name -> problems) replace the MBPP pool and the
-    evaluation sets; ``model``/``tokenizer`` replace loading ``model_args.model_name_or_path``.
+    evaluation sets; ``model``/``tokenizer`` replace loading ``model_args.model_name_or_path``; ``callbacks`` are
+    added to the trainer after the study's own; ``command`` is the command line printed for a resume.
 
     Example:
     ```python
@@ -749,7 +754,7 @@ def run_study(study: StudyArguments, training_args, model_args, train_problems=N
     ```
     """
     runner = StudyRunner(study, training_args, model_args, train_problems, eval_sets, command=command,
-                         progress=progress)
+                         progress=progress, callbacks=callbacks)
     return runner.run(model=model, tokenizer=tokenizer)
 
 

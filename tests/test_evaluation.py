@@ -103,24 +103,25 @@ def test_generate_restores_training_mode(tiny, mbpp_problems):
 
 
 def test_humaneval_program_keeps_the_prompt_prelude(humaneval_problems):
-    """HumanEval/0's prompt imports List; a completion restating only the function must still pass."""
+    """HumanEval/10's prompt defines the helper is_palindrome; a completion restating only make_palindrome (as
+    instruct models do) must still pass, as it does when the prompt is part of the program."""
     from spark_trl.sandbox import Executor
 
-    problem = humaneval_problems[0]
-    assert "from typing import List" in problem.test_setup
+    problem = humaneval_problems[10]
+    assert "def is_palindrome" in problem.test_setup
     body = problem.reference.split('"""')[-1]
-    completion = ("```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
-                  + body + "\n```")
-    broken = "```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    return True\n```"
-    records = score_completions([problem], [[completion, broken]], Executor(workers=2), name="humaneval")
-    samples = records[0]["samples"]
-    assert samples[0]["passed"] and samples[0]["status"] == "passed"
-    assert not samples[1]["passed"] and samples[1]["status"] == "wrong_answer"
-    assert samples[1]["error_type"] == "AssertionError"
-    # The same program without the prelude fails: what the study's evaluation did to such completions.
-    jobs, _ = build_jobs([problem], [[completion]])
-    no_prelude = replace(jobs[0], setup="")
-    assert not Executor(workers=1).run([no_prelude])[0].all_passed
+    completion = "```python\ndef make_palindrome(string: str) -> str:" + body + "\n```"
+    broken = "```python\ndef make_palindrome(string: str) -> str:\n    return string\n```"
+    with Executor(workers=2) as executor:
+        records = score_completions([problem], [[completion, broken]], executor, name="humaneval")
+        samples = records[0]["samples"]
+        assert samples[0]["passed"] and samples[0]["status"] == "passed"
+        assert not samples[1]["passed"] and samples[1]["status"] == "wrong_answer"
+        assert samples[1]["error_type"] == "AssertionError"
+        # The same program without the prelude fails: what the study's evaluation did to such completions.
+        jobs, _ = build_jobs([problem], [[completion]])
+        outcome = executor.run([replace(jobs[0], setup="")])[0]
+        assert outcome.status.value == "runtime_error" and "is_palindrome" in outcome.error_tail
 
 
 def test_scoring_and_summary_count_only_programs_passing_every_test(mbpp_problems):
@@ -131,7 +132,8 @@ def test_scoring_and_summary_count_only_programs_passing_every_test(mbpp_problem
     wrong = f"def {problems[1].entry_point}(*a):\n    return None"
     completions = [[p.reference for _ in range(2)] + ["def nope(:"] for p in problems[:1]]
     completions.append([wrong, "import sys\nsys.exit(0)", problems[1].reference])
-    records = score_completions(problems, completions, Executor(workers=2), name="mbpp")
+    with Executor(workers=2) as executor:
+        records = score_completions(problems, completions, executor, name="mbpp")
     pass_at, per_problem, statuses = summarize(records, ks=(1, 2))
     assert [p["c"] for p in per_problem] == [2, 1]
     assert pass_at[1] == pytest.approx((2 / 3 + 1 / 3) / 2)
