@@ -6,3 +6,4 @@ from .data import Problem, load_benchmark, load_humaneval, load_mbpp, split_mbpp
 from .prompts import SYSTEM_PROMPT, extract_code  # noqa: F401
 from .configs import SparkGRPOConfig  # noqa: F401
 from .trainer import SparkGRPOTrainer  # noqa: F401
+from .reward import ExecutionReward  # noqa: F401

@@ -403,32 +403,22 @@ def _runner_serve(sock: socket.socket, setup: str, code: str) -> None:
             error(exc)
 
 
-def _runner_child(sock: socket.socket, setup: str, code: str, cfg: dict, tmp: str, ruleset_fd: int | None,
-                  keep_fds: Sequence[int]) -> None:
+def _runner_child(sock: socket.socket, code: str, cfg: dict, tmp: str, ruleset_fd: int | None) -> None:
     """In the zygote's fresh child: isolate, then serve. Never returns."""
     try:
         os.setsid()
         _iso.set_parent_death_signal()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        if cfg["pidns"]:
-            _iso.unshare(_iso.CLONE_NEWPID)
-            child = os.fork()
-            if child:  # the namespace's parent: outside it, trusted, only waits
-                sock.close()
-                os.waitpid(child, 0)
-                os._exit(0)
-            _iso.set_parent_death_signal()
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-        keep = {sock.fileno()} | ({ruleset_fd} if ruleset_fd is not None else set())
-        for fd in keep_fds:
-            if fd not in keep:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        keep = sorted({sock.fileno()} | ({ruleset_fd} if ruleset_fd is not None else set()))
+        low = 3
+        for fd in keep:  # close every inherited fd except ours (close_range under the hood)
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 16)
         os.chdir(tmp)
         os.environ.clear()
         os.environ.update(_iso.scrubbed_env(tmp))
@@ -454,11 +444,35 @@ _PREIMPORT = ("math", "cmath", "re", "collections", "itertools", "functools", "h
               "contextlib", "weakref", "types", "binascii", "base64", "zlib", "locale", "inspect", "ast")
 
 
-def _zygote_main(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | None) -> None:
+def _zygote_boot(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | None) -> None:
+    """The judge's fork at start-up, before any job: enter a user namespace, then make the zygote pid 1 of a
+    pid namespace of its own, so that every runner lives in it and the zygote can sweep it with kill(-1)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _iso.set_parent_death_signal()
     if cfg["userns"]:
         _iso.enter_user_namespace()
+    if cfg["pidns"]:
+        _iso.unshare(_iso.CLONE_NEWPID)
+        pid = os.fork()
+        if pid:  # outside the namespace: only waits for its init (the zygote) and exits with it
+            sock.close()
+            while True:
+                try:
+                    os.waitpid(pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+                except ChildProcessError:
+                    break
+            os._exit(0)
+        _iso.set_parent_death_signal()
+        if os.getpid() != 1:
+            os._exit(3)
+    _zygote_main(sock, cfg, root, ruleset_fd)
+
+
+def _zygote_main(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | None) -> None:
+    ns_init = cfg["pidns"] and os.getpid() == 1
     while True:
         r, _, _ = select.select([sock], [], [], 0.2)
         _reap()
@@ -468,19 +482,25 @@ def _zygote_main(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | No
             req = pickle.loads(_recv_frame(sock, None))
         except (_Closed, EOFError):
             os._exit(0)
-        tmp = os.path.join(root, f"run{req['n']}")
-        os.mkdir(tmp, 0o700)
+        if ns_init:
+            # Nothing of an earlier runner may survive: kill everything in our pid namespace but ourselves.
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _reap()
+        if req.get("op") == "sweep":
+            continue
         j, rsock = socket.socketpair()
-        keep_fds = _open_fds()
         pid = os.fork()
         if pid == 0:
             sock.close()
             j.close()
             cfg2 = dict(cfg, setup=req["setup"], memory_mb=req["memory_mb"], cpu_seconds=req["cpu_seconds"])
-            _runner_child(rsock, req["setup"], req["code"], cfg2, tmp, ruleset_fd, keep_fds)
+            _runner_child(rsock, req["code"], cfg2, root, ruleset_fd)
         rsock.close()
         pidfd = os.pidfd_open(pid)
-        socket.send_fds(sock, [pickle.dumps((pid, tmp))], [j.fileno(), pidfd])
+        socket.send_fds(sock, [pickle.dumps(pid)], [j.fileno(), pidfd])
         j.close()
         os.close(pidfd)
 
@@ -493,13 +513,6 @@ def _reap() -> None:
             return
         if pid == 0:
             return
-
-
-def _open_fds() -> list[int]:
-    try:
-        return [int(x) for x in os.listdir("/proc/self/fd")]
-    except OSError:
-        return list(range(3, 256))
 
 
 # ================================================================================================ judge
@@ -562,13 +575,15 @@ class _Runner:
         raise _RunnerGone("the program's process sent an invalid reply")
 
     def kill(self) -> None:
-        """SIGKILL the runner's session (and with it its pid namespace), wait until it is gone."""
+        """SIGKILL the runner (and its session when its pid means something here), wait until it is gone.
+        Under a pid namespace the zygote then sweeps the namespace (see _zygote_main)."""
         try:
             if not self._exited():
-                try:
-                    os.killpg(self.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                if self.pid is not None:
+                    try:  # checked alive just above, so the pid has not been reused
+                        os.killpg(self.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except (ProcessLookupError, OSError):
             pass
@@ -694,6 +709,7 @@ class _Judge:
         self.n = 0
         self.timer = _JudgeTimer()
         zsock, self.zsock = socket.socketpair()
+        self.zsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         ruleset = None
         if cfg["landlock"]:
             ruleset = _iso.landlock_ruleset(_iso.python_read_paths() + ["/dev/null"], [root])
@@ -702,8 +718,10 @@ class _Judge:
             self.zsock.close()
             for fd in (self.cin, self.cout):
                 os.close(fd)
-            _zygote_main(zsock, cfg, root, ruleset)
-            os._exit(0)
+            try:
+                _zygote_boot(zsock, cfg, root, ruleset)
+            finally:
+                os._exit(0)
         self.zygote = pid
         zsock.close()
         if ruleset is not None:
@@ -712,16 +730,19 @@ class _Judge:
     # ---------------------------------------------------------------- runners
     def spawn(self, setup: str, code: str, memory_mb: int, cpu_seconds: int) -> _Runner:
         self.n += 1
-        _send_frame(self.zsock, pickle.dumps({"n": self.n, "setup": setup, "code": code, "memory_mb": memory_mb,
+        _send_frame(self.zsock, pickle.dumps({"setup": setup, "code": code, "memory_mb": memory_mb,
                                               "cpu_seconds": cpu_seconds}))
         msg, fds, _, _ = socket.recv_fds(self.zsock, 1 << 16, 2)
         if not msg or len(fds) != 2:
             raise SystemExit("zygote died")
-        pid, tmp = pickle.loads(msg)
-        return _Runner(socket.socket(fileno=fds[0]), pid, fds[1], tmp)
+        # Under a pid namespace the zygote's pid numbers mean nothing here: the pidfd is the handle.
+        pid = None if self.cfg["pidns"] else pickle.loads(msg)
+        return _Runner(socket.socket(fileno=fds[0]), pid, fds[1], self.root)
 
     def cleanup(self, runner: _Runner) -> None:
         runner.kill()
+        if self.cfg["pidns"]:
+            _send_frame(self.zsock, pickle.dumps({"op": "sweep"}))
         for entry in os.listdir(self.root):  # the runner may write anywhere in the judge's root
             path = os.path.join(self.root, entry)
             try:
@@ -981,11 +1002,9 @@ class Executor:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if memory_mb < 64:
             raise ValueError(f"memory_mb must be >= 64, got {memory_mb}")
-        import tempfile
-
         self.workers, self.timeout, self.memory_mb = int(workers), float(timeout), int(memory_mb)
         self._cfg = {"namespaces": namespaces, "seccomp": seccomp, "landlock": landlock,
-                     "tmp_dir": tmp_dir or tempfile.gettempdir()}
+                     "tmp_dir": tmp_dir or _default_tmp_dir()}
         self._judges: list[_JudgeProcess | None] = [None] * self.workers
         self._lock = threading.Lock()
         self._closed = False
@@ -1163,6 +1182,17 @@ class Executor:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _default_tmp_dir() -> str:
+    """A tmpfs when there is one: creating and removing a runner's files there costs microseconds, not the
+    milliseconds of a journaled disk."""
+    import tempfile
+
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return tempfile.gettempdir()
 
 
 def _check_compiles(source: str, where: str) -> None:
