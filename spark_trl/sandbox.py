@@ -254,7 +254,7 @@ def _dec_at(buf, pos, on_handle, depth):
         for _ in range(n):
             k, pos = _dec_at(buf, pos, on_handle, depth + 1)
             v, pos = _dec_at(buf, pos, on_handle, depth + 1)
-            dict.__setitem__(d, k, v)
+            d[k] = v  # d is a fresh object of a known stdlib class
         return d, pos
     if tag == b"r":
         a, pos = _dec_int(buf, pos)
@@ -639,7 +639,10 @@ class RemoteHandle:
         return iter(value if type(value) is list else [])
 
     def __len__(self):
-        value = self._runner.request("len", self._hid)[0]
+        try:
+            value = self._runner.request("len", self._hid)[0]
+        except _RemoteError as exc:  # list(handle) asks for a length hint first: unsized is no error there
+            raise TypeError(f"remote len() failed: {exc}") from None
         if type(value) is not int:
             raise TypeError("remote len() did not return an int")
         return value
