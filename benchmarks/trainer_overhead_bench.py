@@ -1,0 +1,184 @@
+"""Overhead of SparkGRPOTrainer over plain trl.GRPOTrainer, measured side by side in one process.
+
+The same small configuration (a randomly initialised Qwen2-architecture model, the same prompts, seeds and
+reward) runs through
+
+* `trl`: plain `trl.GRPOTrainer`, fixed group size G;
+* `spark-fixed`: `SparkGRPOTrainer` with `min_generations = max_generations = G`, nothing left out of the loss,
+  TRL's loss (what the subclass costs when it changes nothing);
+* `spark-adaptive`: `SparkGRPOTrainer` with groups of 4 growing to 8 (the study's setting) and constant groups
+  left out of the loss (what the feature saves or costs).
+
+The configurations are interleaved over repetitions so that a busy machine slows all of them alike. Per
+configuration it prints the median time per optimizer step (first step of each run excluded: warm-up), the
+completion tokens generated per step and the peak memory (CUDA: `max_memory_allocated`; CPU: peak resident set
+growth during `train()`, sampled every 2 ms), and the ratios to `trl`.
+
+    python benchmarks/trainer_overhead_bench.py --steps 6 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA allocator peak, or resident-set growth on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.peak = 0
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            gc.collect()
+            self.base = _rss()
+            self._stop = False
+            self._max = self.base
+
+            def sample():
+                while not self._stop:
+                    self._max = max(self._max, _rss())
+                    time.sleep(0.002)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop = True
+            self._thread.join()
+            self.peak = self._max - self.base
+
+
+class TokenCountingReward:
+    """A reward that varies within most groups and is constant for every fourth prompt (as flat MBPP groups
+    are), counting the completion tokens it scores."""
+
+    __name__ = "bench_reward"
+
+    def __init__(self):
+        self.tokens = 0
+
+    def __call__(self, prompts, completions, completion_ids, task_id, **kwargs):
+        self.tokens += sum(len(c) for c in completion_ids)
+        return [0.0 if int(t) % 4 == 0 else float(sum(c) % 5) / 4 for t, c in zip(task_id, completion_ids)]
+
+
+def run(kind: str, model_path: str, opts, out_dir: str):
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from spark_trl import SparkGRPOConfig, SparkGRPOTrainer
+
+    cuda = torch.cuda.is_available() and not opts.cpu
+    n_prompts = opts.prompts * (opts.steps + 1)
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Write function number {i}."}]
+                                            for i in range(n_prompts)], "task_id": [str(i) for i in range(n_prompts)]})
+    common = dict(output_dir=out_dir, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+                  seed=0, shuffle_dataset=False, per_device_train_batch_size=opts.prompts * 4 // 2,
+                  gradient_accumulation_steps=2, max_completion_length=opts.completion_length, max_steps=opts.steps,
+                  beta=opts.beta, loss_type="dapo", learning_rate=1e-5, use_cpu=not cuda, bf16=cuda)
+    reward = TokenCountingReward()
+    g = opts.group_size
+    if kind == "trl":
+        common["per_device_train_batch_size"] = opts.prompts * g // 2
+        args = GRPOConfig(num_generations=g, **common)
+        trainer_cls = GRPOTrainer
+    elif kind == "spark-fixed":
+        common["per_device_train_batch_size"] = opts.prompts * g // 2
+        args = SparkGRPOConfig(min_generations=g, max_generations=g, skip_zero_advantage="none", **common)
+        trainer_cls = SparkGRPOTrainer
+    else:
+        args = SparkGRPOConfig(min_generations=4, max_generations=8, generation_increment=2, **common)
+        trainer_cls = SparkGRPOTrainer
+    trainer = trainer_cls(model=model_path, reward_funcs=reward, args=args, train_dataset=dataset)
+    with PeakMemory(cuda) as mem:
+        trainer.train()
+    times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
+    result = {"step_times": times[1:], "tokens_per_step": reward.tokens / max(len(times), 1), "peak": mem.peak}
+    del trainer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
+    parser.add_argument("--reps", type=int, default=3, help="runs per configuration (interleaved)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per optimizer step")
+    parser.add_argument("--group-size", type=int, default=8, help="G of the fixed-size runs")
+    parser.add_argument("--completion-length", type=int, default=48)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--beta", type=float, default=0.02)
+    parser.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
+    opts = parser.parse_args()
+
+    import torch
+    import transformers
+    import trl
+
+    from spark_trl.testing import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = str(build_tiny_model(os.path.join(tmp, "model"), hidden_size=opts.hidden_size,
+                                          num_layers=opts.layers))
+        kinds = ["trl", "spark-fixed", "spark-adaptive"]
+        results = {k: [] for k in kinds}
+        for rep in range(opts.reps):
+            for kind in kinds:
+                r = run(kind, model_path, opts, os.path.join(tmp, f"{kind}-{rep}"))
+                results[kind].append(r)
+                print(f"rep {rep} {kind:15s} median step {statistics.median(r['step_times']):.3f}s "
+                      f"peak {r['peak'] / 2**20:.1f} MiB", flush=True)
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not opts.cpu else f"CPU ({os.cpu_count()} cores)"
+    print(f"\n{device}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
+    print(f"model: Qwen2 hidden {opts.hidden_size} x {opts.layers} layers (random weights); {opts.prompts} prompts "
+          f"per step, G={opts.group_size} (adaptive 4..8), {opts.completion_length} new tokens, beta {opts.beta}, "
+          f"{opts.steps} steps x {opts.reps} runs each\n")
+    base = None
+    print(f"{'configuration':16s} {'s/step':>8s} {'ratio':>7s} {'tokens/step':>12s} {'peak MiB':>9s} {'ratio':>7s}")
+    for kind in kinds:
+        times = [t for r in results[kind] for t in r["step_times"]]
+        step = statistics.median(times)
+        tokens = statistics.mean(r["tokens_per_step"] for r in results[kind])
+        peak = max(r["peak"] for r in results[kind])
+        if base is None:
+            base = (step, peak)
+        print(f"{kind:16s} {step:8.3f} {step / base[0]:7.3f} {tokens:12.0f} {peak / 2**20:9.1f} "
+              f"{peak / base[1] if base[1] else float('nan'):7.3f}")
+
+
+if __name__ == "__main__":
+    main()
