@@ -1,0 +1,153 @@
+"""One rank of the 2-process CPU tests in tests/test_distributed.py; launched by torchrun, never collected by pytest.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py train,eval MODEL OUT
+
+`train` runs SparkGRPOTrainer (LoRA, beta > 0, the study's loss, adaptive groups 4 -> 8) for two optimizer
+steps on a dataset arranged so that the two ranks need different top-ups (see `TASKS`), and writes
+OUT/rank{r}.json: the task ids each reward call saw, the number of training forward and backward passes, a
+hash of the trainable parameters and whether they moved, and the trainer's log history and spark_stats.
+`eval` runs `spark_trl.evaluation.evaluate_problems` on a few problems and writes OUT/eval_rank{r}.json.
+Both modes in one launch share the process start-up (most of the run time on 2 cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# In dataset order, with shuffle_dataset=False and 2 groups per rank per step, TRL's sampler hands
+# step 1: rank 0 [flat1, flat2], rank 1 [vary1, late1]; step 2: rank 0 [vary2, late2], rank 1 [flat3, vary3].
+# 'flat' never varies (topped up 4 -> 6 -> 8, left out of the loss); 'vary' varies within its first 4 samples;
+# 'late' is flat in its first reward call and varies afterwards (topped up once, to 6). So in step 1 rank 0
+# needs two top-up rounds for both groups and has nothing in the loss, while rank 1 needs one round for one group.
+TASKS = ["flat1", "flat2", "vary1", "late1", "vary2", "late2", "flat3", "vary3"]
+
+
+class PromptKeyedReward:
+    """Deterministic reward keyed on the task id: 'flat' -> 0; 'vary' -> i % 2 (i = position in the call);
+    'late' -> 0 the first time this process sees the task, i % 2 afterwards. Records every call's task ids."""
+
+    __name__ = "prompt_keyed"
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+        self.seen: set[str] = set()
+
+    def __call__(self, prompts, completions, task_id, **kwargs):
+        self.calls.append(list(task_id))
+        rewards = []
+        for i, t in enumerate(task_id):
+            flat = t.startswith("flat") or (t.startswith("late") and t not in self.seen)
+            rewards.append(0.0 if flat else float(i % 2))
+        self.seen.update(task_id)
+        return rewards
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(model_path: str, out: Path) -> None:
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from spark_trl import SparkGRPOConfig, SparkGRPOTrainer
+
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Solve task {t}."}] for t in TASKS],
+                                 "task_id": TASKS})
+    args = SparkGRPOConfig(
+        output_dir=str(out / "trainer"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        disable_tqdm=True, logging_steps=1, seed=0, shuffle_dataset=False, max_completion_length=6,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, learning_rate=5e-2,
+        min_generations=4, max_generations=8, generation_increment=2, loss_type="spark", beta=0.02,
+    )
+    reward = PromptKeyedReward()
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                      task_type="CAUSAL_LM")
+    trainer = SparkGRPOTrainer(model=model_path, reward_funcs=reward, args=args, train_dataset=dataset,
+                               peft_config=lora)
+    rank = trainer.accelerator.process_index
+    assert trainer.accelerator.num_processes == 2, "launch with 2 processes"
+
+    # Count the passes that build a graph (the loss forwards; generation and the reference run without grad) and
+    # the backward passes (a hook on one trainable parameter's gradient fires once per backward).
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    counts = {"forward": 0, "backward": 0}
+
+    def on_forward(module, inputs, output):
+        if torch.is_grad_enabled():
+            counts["forward"] += 1
+
+    model.register_forward_hook(on_forward)
+    first = next(p for p in model.parameters() if p.requires_grad)
+    first.register_hook(lambda grad: counts.__setitem__("backward", counts["backward"] + 1))
+
+    before = _trainable_state(model)
+    trainer.train()
+    after = _trainable_state(model)
+
+    report = {
+        "rank": rank,
+        "world": trainer.accelerator.num_processes,
+        "backend": str(torch.distributed.get_backend()),
+        "reward_calls": reward.calls,
+        "forward": counts["forward"],
+        "backward": counts["backward"],
+        "micro_steps": trainer._step,
+        "global_step": trainer.state.global_step,
+        "param_digest": _digest(after),
+        "param_digest_before": _digest(before),
+        "moved": any(not torch.equal(before[n], after[n]) for n in before),
+        "log_history": trainer.state.log_history,
+        "spark_stats": trainer.spark_stats_history,
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(report, default=str))
+
+
+def evaluate(model_path: str, out: Path) -> None:
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spark_trl.evaluation import EvalConfig, evaluate_problems
+    from spark_trl.problems import load_builtin
+    from spark_trl.sandbox import Executor
+
+    state = PartialState(cpu=True)
+    # Problems 0 and 2 are passed by any program that runs, the others by none that the tiny model writes. With
+    # the end-of-turn token pushed to the top of the model's distribution every completion is empty (an empty
+    # program runs), so pass@1 is exactly 2/5 over all problems, while rank 0's shard (0, 2, 4) alone would give
+    # 2/3 and rank 1's (1, 3) 0.
+    problems = load_builtin("heldout")[:5]
+    problems = [dataclasses.replace(p, tests=("assert True",)) if i in (0, 2) else p for i, p in enumerate(problems)]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    model.generation_config.sequence_bias = {(tokenizer.eos_token_id,): 100.0}
+    config = EvalConfig(n_samples=2, max_new_tokens=8, batch_size=4, seed=0, progress=False, ks=(1, 2))
+    # Sequences this rank generated: its shard only.
+    generated = []
+    result = evaluate_problems(model, tokenizer, problems, config, name="heldout",
+                               samples_path=out / "heldout.samples.jsonl", executor=Executor(workers=1),
+                               on_batch=generated.append)
+    report = {"rank": state.process_index, "pass_at": {str(k): v for k, v in result.pass_at.items()},
+              "n_problems": result.n_problems, "per_problem": result.per_problem,
+              "task_ids": [p.task_id for p in problems], "generated": sum(generated)}
+    (out / f"eval_rank{state.process_index}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    modes, model_path, out_dir = sys.argv[1:4]
+    for mode in modes.split(","):
+        {"train": train, "eval": evaluate}[mode](model_path, Path(out_dir))

@@ -1,0 +1,138 @@
+"""Two CPU processes (torchrun, gloo): SparkGRPOTrainer's adaptive groups and the sharded evaluation under DDP.
+
+One launch of tests/_dist_worker.py trains the tiny model for two optimizer steps with ranks that need different
+top-ups (rank 0 has nothing at all in the loss in step 1), then evaluates a few problems sharded over the two
+ranks. The tests check the ranks' reports: no hang, identical parameters, the same number of forward/backward
+passes, and logged metrics that are the global values (worked out below from the deterministic reward), not
+either rank's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+LAUNCH_TIMEOUT = 300  # seconds; a rank stuck in a collective would otherwise hang CI
+TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
+
+# Per task kind (see _dist_worker.TASKS): final group size, sum of the group's rewards, whether it is in the loss.
+# 'vary' rewards are 0,1,0,1; 'late' gets 0,0,0,0 then 0,1 in its top-up; 'flat' 0 x 8.
+KIND = {"flat": (8, 0.0, False), "vary": (4, 2.0, True), "late": (6, 1.0, True)}
+STEPS = [["flat1", "flat2", "vary1", "late1"], ["vary2", "late2", "flat3", "vary3"]]  # rank 0: first two
+
+
+def _expected(groups: list[str]) -> dict[str, float]:
+    sizes = [KIND[g[:4]][0] for g in groups]
+    reward = sum(KIND[g[:4]][1] for g in groups)
+    in_loss = sum(KIND[g[:4]][0] for g in groups if KIND[g[:4]][2])
+    flat = sum(not KIND[g[:4]][2] for g in groups)
+    n = len(groups)
+    return {
+        "spark/group_size_mean": sum(sizes) / n,
+        "spark/frac_groups_topped_up": sum(s > 4 for s in sizes) / n,
+        "spark/frac_groups_without_variance": flat / n,
+        "frac_reward_zero_std": flat / n,
+        "spark/completions": sum(sizes),
+        "spark/frac_sequences_in_loss": in_loss / sum(sizes),
+        "reward": reward / sum(sizes),
+        "rewards/prompt_keyed/mean": reward / sum(sizes),
+    }
+
+
+@pytest.fixture(scope="module")
+def reports(tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           "train,eval", tiny_model_path, str(out)]
+    # Own session, so that on a timeout the launcher and both ranks are killed together.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"2-process run did not finish in {LAUNCH_TIMEOUT} s (a rank hung?)\n{log[-4000:]}")
+    assert proc.returncode == 0, f"2-process run failed ({proc.returncode})\n{log[-6000:]}"
+    load = json.loads
+    return {
+        "train": [load((out / f"rank{r}.json").read_text()) for r in (0, 1)],
+        "eval": [load((out / f"eval_rank{r}.json").read_text()) for r in (0, 1)],
+        "samples": [load(line) for line in (out / "heldout.samples.jsonl").read_text().splitlines()],
+    }
+
+
+def test_ranks_with_different_top_ups_finish_in_lockstep(reports):
+    r0, r1 = reports["train"]
+    assert (r0["world"], r0["backend"]) == (2, "gloo")
+    # The arrangement really gives the ranks different top-ups: rank 0 tops up twice in step 1 and once in step 2,
+    # rank 1 once then twice; each top-up scores only that rank's groups without variance.
+    assert r0["reward_calls"] == [["flat1"] * 4 + ["flat2"] * 4, ["flat1"] * 2 + ["flat2"] * 2,
+                                  ["flat1"] * 2 + ["flat2"] * 2, ["vary2"] * 4 + ["late2"] * 4, ["late2"] * 2]
+    assert r1["reward_calls"] == [["vary1"] * 4 + ["late1"] * 4, ["late1"] * 2, ["flat3"] * 4 + ["vary3"] * 4,
+                                  ["flat3"] * 2, ["flat3"] * 2]
+    # Same number of loss forwards and backwards on both ranks (2 optimizer steps x 2 accumulation micro-steps),
+    # although rank 0 has no sequence in the loss in step 1 and rank 1 has 10.
+    for r in (r0, r1):
+        assert (r["global_step"], r["micro_steps"], r["forward"], r["backward"]) == (2, 4, 4, 4)
+    # DDP kept the replicas identical, and training did move them.
+    assert r0["param_digest_before"] == r1["param_digest_before"]
+    assert r0["param_digest"] == r1["param_digest"]
+    assert r0["moved"] and r1["moved"]
+
+
+def test_logged_group_statistics_are_global(reports):
+    r0, r1 = reports["train"]
+    # Every logged value is the same on both ranks (timings aside), the epoch summary included.
+    assert len(r0["log_history"]) == len(r1["log_history"])
+    for a, b in zip(r0["log_history"], r1["log_history"]):
+        assert a.keys() == b.keys()
+        assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {
+            k: v for k, v in b.items() if k not in TIMING_KEYS}
+    assert r0["spark_stats"] == r1["spark_stats"]
+
+    steps = [h for h in r0["log_history"] if "spark/group_size_mean" in h]
+    assert len(steps) == 2
+    for logged, groups in zip(steps, STEPS):
+        expected = _expected(groups)
+        assert {k: logged[k] for k in expected} == pytest.approx(expected)
+        # ... and not what either rank would have computed from its own groups.
+        for half in (groups[:2], groups[2:]):
+            local = _expected(half)
+            assert any(local[k] != pytest.approx(expected[k]) for k in expected)
+
+    epoch = r0["spark_stats"][-1]
+    assert epoch["group_sizes"] == {"4": 3, "6": 2, "8": 3}
+    assert epoch["rollouts"] == 48
+    assert epoch["sequences_in_loss"] == 24
+    assert epoch["frac_groups_topped_up"] == pytest.approx(5 / 8)
+    assert epoch["frac_groups_without_variance"] == pytest.approx(3 / 8)
+    assert epoch["mean_reward"] == pytest.approx(8 / 48)
+    # beta > 0: the reference forward covers exactly the sequences in the loss, counted over both ranks.
+    assert epoch["ref_forward_sequences"] == 24
+
+
+def test_evaluation_is_sharded_and_gathered(reports):
+    e0, e1 = reports["eval"]
+    # Each rank generated only its shard (problems 0, 2, 4 and 1, 3; 2 samples each) ...
+    assert (e0["generated"], e1["generated"]) == (6, 4)
+    # ... and both hold every problem's record, so pass@k is computed once over all samples: 2 of 5 problems pass
+    # (rank 0's shard alone would give 2/3, rank 1's 0).
+    assert e0["per_problem"] == e1["per_problem"]
+    assert [p["task_id"] for p in e0["per_problem"]] == e0["task_ids"]
+    assert [(p["n"], p["c"]) for p in e0["per_problem"]] == [(2, 2), (2, 0), (2, 2), (2, 0), (2, 0)]
+    assert e0["pass_at"] == e1["pass_at"] == {"1": pytest.approx(0.4), "2": pytest.approx(0.4)}
+    # The samples file is written once (by rank 0), with every sample of every problem.
+    samples = reports["samples"]
+    assert sorted((s["task_id"], s["sample"]) for s in samples) == [(t, j) for t in e0["task_ids"] for j in (0, 1)]
