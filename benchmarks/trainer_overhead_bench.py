@@ -12,7 +12,8 @@ reward) runs through
 The configurations are interleaved over repetitions so that a busy machine slows all of them alike. Per
 configuration it prints the median time per optimizer step (first step of each run excluded: warm-up), the
 completion tokens generated per step and the peak memory (CUDA: `max_memory_allocated`; CPU: peak resident set
-growth during `train()`, sampled every 2 ms), and the ratios to `trl`.
+growth during `train()`, sampled every 2 ms, after a discarded warm-up run of each configuration), and the
+ratios to `trl`.
 
     python benchmarks/trainer_overhead_bench.py --steps 6 --reps 3
 """
@@ -155,6 +156,12 @@ def main():
                                           num_layers=opts.layers))
         kinds = ["trl", "spark-fixed", "spark-adaptive"]
         results = {k: [] for k in kinds}
+        # Warm-up: one short run of each, discarded (lazy imports, allocator arenas, kernel caches).
+        steps = opts.steps
+        opts.steps = 1
+        for kind in kinds:
+            run(kind, model_path, opts, os.path.join(tmp, f"warmup-{kind}"))
+        opts.steps = steps
         for rep in range(opts.reps):
             for kind in kinds:
                 r = run(kind, model_path, opts, os.path.join(tmp, f"{kind}-{rep}"))
@@ -162,7 +169,8 @@ def main():
                 print(f"rep {rep} {kind:15s} median step {statistics.median(r['step_times']):.3f}s "
                       f"peak {r['peak'] / 2**20:.1f} MiB", flush=True)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not opts.cpu else f"CPU ({os.cpu_count()} cores)"
+    cuda = torch.cuda.is_available() and not opts.cpu
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{device}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
     print(f"model: Qwen2 hidden {opts.hidden_size} x {opts.layers} layers (random weights); {opts.prompts} prompts "
           f"per step, G={opts.group_size} (adaptive 4..8), {opts.completion_length} new tokens, beta {opts.beta}, "

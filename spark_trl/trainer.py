@@ -662,7 +662,9 @@ class SparkGRPOTrainer(GRPOTrainer):
                 batch["old_per_token_logps"] = forward(self.model)
             if self.beta != 0.0:
                 self.ref_forward_calls += 1
-                self._stats.ref_forward_sequences += sum(real)  # this rank's count
+                # Summed over ranks like every SparkStats figure (each rank has its own rows); all ranks reach
+                # this collective, as beta is the same everywhere.
+                self._stats.ref_forward_sequences += int(self._reduce_sum([sum(real)])[0])
                 if self.ref_model is not None:
                     batch["ref_per_token_logps"] = forward(self.ref_model)
                 else:
