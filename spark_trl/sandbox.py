@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 try:  # the judge loads this file by path, outside the package (see _judge_command)
