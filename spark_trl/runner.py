@@ -784,8 +784,18 @@ def recipe_parser(recipe: dict[str, Any]):
 
     from .configs import SparkGRPOConfig
 
+    import torch
+
     parser = TrlParser((StudyArguments, SparkGRPOConfig, ModelConfig))
-    unknown = parser.set_defaults_with_config(**{**STUDY_DEFAULTS, **recipe})
+    parser.description = ("Run a SPARK-Code study condition: GRPO iterations with execution rewards, each followed by "
+                          "a HumanEval / held-out MBPP evaluation and a checkpoint.")
+    parser.epilog = ("--config FILE.yaml sets any of these options from a YAML mapping (flags given on the command "
+                     "line win). Resume an interrupted run with the same command plus --resume.")
+    defaults = dict(STUDY_DEFAULTS)
+    if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        # TRL defaults to bf16 mixed precision, which refuses to start on a CPU or a pre-Ampere GPU.
+        defaults["bf16"] = False
+    unknown = parser.set_defaults_with_config(**{**defaults, **recipe})
     if unknown:
         raise ValueError(f"recipe sets unknown options: {unknown[::2]}")
     return parser

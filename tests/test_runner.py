@@ -246,14 +246,15 @@ def _in_process(model_path, out, mbpp_path, inject, *extra):
 
 
 @pytest.mark.slow
-def test_out_of_memory_is_retried_then_checkpointed_for_resume(tiny_model_path, mbpp_path, tmp_path, capsys):
+def test_out_of_memory_is_retried_then_checkpointed_for_resume(tiny_model_path, mbpp_path, tmp_path, capsys,
+                                                               caplog):
     # Once, in step 2: memory freed, the step retried, the run completes.
     inject = _InjectOOM(from_step=2, times=1)
     out = tmp_path / "retry"
     result = _in_process(tiny_model_path, out, mbpp_path, inject)
     assert inject.raised == 1 and result["status"] == "complete"
     assert [r["iteration"] for r in _rows(out)] == [0, 1] and _rows(out)[1]["global_step"] == 3
-    assert "out of memory in training step 2" in capsys.readouterr().err
+    assert "out of memory in training step 2 (attempt 1" in caplog.text
     # From step 2 on, for ever: emergency checkpoint, results so far, exit status 3, the resume command.
     out = tmp_path / "fail"
     inject = _InjectOOM(from_step=2, times=10**9)
