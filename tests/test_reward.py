@@ -1,0 +1,161 @@
+"""ExecutionReward on real data: every MBPP reference and HumanEval canonical solution scores 1.0, broken
+versions score the study's exact values with the right class, and TRL's calling convention works."""
+
+from __future__ import annotations
+
+import pytest
+
+from spark_trl import outcome as oc
+from spark_trl.outcome import ExecutionOutcome, Status
+from spark_trl.reward import ExecutionReward
+from spark_trl.sandbox import Executor
+
+
+@pytest.fixture(scope="module")
+def ex():
+    with Executor(workers=2, timeout=10.0) as executor:
+        yield executor
+
+
+@pytest.fixture(scope="module")
+def reward(ex):
+    return ExecutionReward(executor=ex)
+
+
+def _outcome(*statuses: Status) -> ExecutionOutcome:
+    tests = [oc.TestResult(s) for s in statuses]
+    first = next((s for s in statuses if s is not Status.PASSED), Status.PASSED)
+    return ExecutionOutcome(status=first, tests=tests)
+
+
+P, W, R, T, S = Status.PASSED, Status.WRONG_ANSWER, Status.RUNTIME_ERROR, Status.TIMEOUT, Status.SYNTAX_ERROR
+
+
+@pytest.mark.parametrize("statuses, expected", [
+    ((P, P, P), 1.0),
+    ((S, S, S), -0.2),
+    ((W, W, W), 0.0),
+    ((P, P, W), 2 / 3),
+    ((P, W, R), 1 / 3),  # the first failing test decides the class: wrong answer
+    ((P, P, R), 2 / 3 - 0.1),
+    ((R, P, P), 2 / 3 - 0.1),
+    ((R, R, R), -0.1),
+    ((P, T, W), 1 / 3 - 0.3),
+    ((T, T, T), -0.3),
+    ((P, P, P, T), 0.75 - 0.3),
+])
+def test_study_scoring_rule(statuses, expected):
+    assert ExecutionReward().score(_outcome(*statuses)) == pytest.approx(expected)
+
+
+def test_scoring_constants_are_arguments():
+    r = ExecutionReward(syntax_penalty=-1, runtime_penalty=-0.5, timeout_penalty=-0.7, wrong_answer_floor=0.1)
+    assert r.score(_outcome(S)) == -1
+    assert r.score(_outcome(P, R)) == pytest.approx(0.0)
+    assert r.score(_outcome(R, R)) == -0.5
+    assert r.score(_outcome(T)) == -0.7
+    assert r.score(_outcome(W, W)) == 0.1
+
+
+def _fenced(code: str) -> str:
+    # As a model writes it. Unfenced text goes through extract_code's prose stripping, which drops top-level
+    # statements before the first def (MBPP 18's NO_OF_CHARS) and trailing lines that do not compile.
+    return f"```python\n{code}\n```"
+
+
+def _rows(problems):
+    return dict(tests=[list(p.tests) for p in problems], test_setup=[p.test_setup for p in problems],
+                entry_point=[p.entry_point for p in problems], task_id=[p.task_id for p in problems])
+
+
+def test_all_mbpp_references_score_one(reward, mbpp_problems):
+    assert len(mbpp_problems) == 427
+    scores = reward(completions=[_fenced(p.reference) for p in mbpp_problems], **_rows(mbpp_problems))
+    failed = [(p.task_id, o.status.value, o.error_tail[-200:])
+              for p, s, o in zip(mbpp_problems, scores, reward.last_outcomes) if s != 1.0]
+    assert not failed
+
+
+def test_all_humaneval_canonical_solutions_score_one(reward, humaneval_problems):
+    assert len(humaneval_problems) == 164
+    completions = [[{"role": "assistant", "content": f"```python\n{p.reference}\n```"}] for p in humaneval_problems]
+    scores = reward(completions=completions, **_rows(humaneval_problems))
+    failed = [(p.task_id, o.error_tail[-200:]) for p, s, o in zip(humaneval_problems, scores, reward.last_outcomes)
+              if s != 1.0]
+    assert not failed
+    # Split checks give per-assert partial credit: most HumanEval problems have several tests.
+    assert sum(len(p.tests) > 1 for p in humaneval_problems) > 100
+
+
+def test_broken_mbpp_programs_get_the_right_class_and_value(reward, mbpp_problems):
+    problems = mbpp_problems
+    raising = [f"{p.reference}\n\ndef {p.entry_point}(*args, **kwargs):\n    raise ValueError('broken')\n"
+               for p in problems]
+    syntax = [f"{p.reference}\n\ndef {p.entry_point}(*args, **kwargs)\n    return 0\n" for p in problems]
+    scores = reward(completions=[_fenced(c) for c in raising + syntax], **{k: v * 2 for k, v in _rows(problems).items()})
+    outcomes = reward.last_outcomes
+    n = len(problems)
+    assert all(o.status is Status.RUNTIME_ERROR and o.tests[0].error_type == "ValueError" for o in outcomes[:n])
+    assert scores[:n] == [-0.1] * n
+    assert all(o.status is Status.SYNTAX_ERROR for o in outcomes[n:]) and scores[n:] == [-0.2] * n
+
+
+def test_wrong_answers_and_partial_credit(reward, mbpp_problems):
+    # A wrong constant: every test fails its assertion (or, for tests that compute with the result, raises).
+    problems = [p for p in mbpp_problems if p.number in (2, 3, 4, 17, 18, 20)]
+    wrong = [f"{p.reference}\n\ndef {p.entry_point}(*args, **kwargs):\n    return '__wrong__'\n" for p in problems]
+    scores = reward(completions=[_fenced(c) for c in wrong], **_rows(problems))
+    assert all(o.status in (Status.WRONG_ANSWER, Status.RUNTIME_ERROR) for o in reward.last_outcomes)
+    assert all(s <= 0.0 for s in scores)
+    # Right on the first test only (MBPP 17: square_perimeter(10) == 40): exactly base = 1/3.
+    (p17,) = [p for p in mbpp_problems if p.number == 17]
+    code = "def square_perimeter(a):\n    return 40 if a == 10 else 0"
+    assert reward(completions=[code], **_rows([p17])) == [pytest.approx(1 / 3)]
+    assert [t.status for t in reward.last_outcomes[0].tests] == [P, W, W]
+    # ... then raising on the others: max(1/3 - 0.1, -0.1).
+    code = "def square_perimeter(a):\n    if a == 10:\n        return 40\n    raise KeyError(a)"
+    assert reward(completions=[code], **_rows([p17])) == [pytest.approx(1 / 3 - 0.1)]
+
+
+def test_infinite_loops_time_out_with_the_study_value(ex, mbpp_problems):
+    problems = mbpp_problems[:3]
+    fast = ExecutionReward(executor=ex, timeout=0.5)
+    loops = [f"{p.reference}\n\ndef {p.entry_point}(*args, **kwargs):\n    while True:\n        pass\n"
+             for p in problems]
+    assert fast(completions=[_fenced(c) for c in loops], **_rows(problems)) == [-0.3] * 3
+    assert all(o.status is Status.TIMEOUT for o in fast.last_outcomes)
+
+
+def test_humaneval_partial_credit_from_split_checks(reward, humaneval_problems):
+    p = humaneval_problems[0]  # has_close_elements, 7 asserts
+    code = "def has_close_elements(numbers, threshold):\n    return True"
+    (score,) = reward(completions=[code], **_rows([p]))
+    outcome = reward.last_outcomes[0]
+    assert outcome.total == len(p.tests) > 1 and 0 < outcome.passed < outcome.total
+    assert score == pytest.approx(outcome.passed / outcome.total) and outcome.status is Status.WRONG_ANSWER
+
+
+def test_trl_calling_convention_and_logging(reward, mbpp_problems):
+    from spark_trl.data import to_grpo_dataset
+
+    ds = to_grpo_dataset(mbpp_problems[:2])
+    rows = [ds[0], ds[0], ds[1], ds[1]]
+    completions = [[{"role": "assistant", "content": f"```python\n{mbpp_problems[0].reference}\n```"}],
+                   [{"role": "assistant", "content": "I cannot do that."}],
+                   [{"role": "assistant", "content": _fenced(mbpp_problems[1].reference)}],
+                   [{"role": "assistant", "content": "def f(:"}]]
+    # What GRPOTrainer._calculate_rewards passes: every column but prompt/completion, plus trainer extras.
+    kwargs = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt",)}
+    metrics, extra = {}, {}
+    scores = reward(prompts=[r["prompt"] for r in rows], completions=completions, completion_ids=[[1]] * 4,
+                    trainer_state=None, log_metric=lambda k, v: metrics.setdefault(k, v),
+                    log_extra=lambda k, v: extra.setdefault(k, v), **kwargs)
+    assert scores[0] == 1.0 and scores[2] == 1.0 and scores[1] < 1.0 and scores[3] == -0.2
+    assert reward.__name__ == "execution_reward"
+    assert [o.status for o in reward.last_outcomes][::2] == [P, P]
+    assert metrics["execution/passed"] == 0.5 and metrics["execution/syntax_error"] >= 0.25
+    assert "execution/tests_passed" in metrics and "execution/test_timeouts" in metrics
+    assert extra["execution_status"][0] == "passed" and len(extra["execution_status"]) == 4
+    outcomes = reward.run([mbpp_problems[0].reference], [list(mbpp_problems[0].tests)],
+                          [mbpp_problems[0].test_setup])
+    assert outcomes[0].all_passed and not isinstance(outcomes[0], float)
