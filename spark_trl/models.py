@@ -121,11 +121,13 @@ def estimate_model_bytes(model_name_or_path: str, load_in_4bit: bool = False, dt
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
             quantizable += module.weight.numel()
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
     seen = set()
-    for p in model.parameters():  # tied weights counted once
-        if id(p) not in seen:
-            seen.add(id(p))
-            dense += p.numel()
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights counted once
+        if id(p) in seen or (tied and name.startswith("lm_head")):
+            continue
+        seen.add(id(p))
+        dense += p.numel()
     dense -= quantizable
     width = torch.tensor([], dtype=resolve_dtype(dtype)).element_size()
     if load_in_4bit:
@@ -222,7 +224,10 @@ def load_model(model_name_or_path: str | None, adapter: str | None = None, load_
 
     model_name_or_path, adapter = resolve_model(model_name_or_path, adapter)
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from accelerate import PartialState
+
+        # Under `accelerate launch` each process loads onto its own GPU.
+        device = str(PartialState().device) if torch.cuda.is_available() else "cpu"
     if check_memory:
         check_fits(model_name_or_path, load_in_4bit, dtype, device)
     kwargs = {"dtype": resolve_dtype(dtype)}
@@ -231,7 +236,7 @@ def load_model(model_name_or_path: str | None, adapter: str | None = None, load_
     quant = quantization_config(load_in_4bit, dtype if dtype not in (None, "auto") else "bfloat16")
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+        kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
     if quant is None:
         model.to(device)

@@ -236,3 +236,67 @@ def test_eval_cli_on_base_adapter_and_merged(tiny_model_path, mbpp_path, tmp_pat
     assert "pass@1" in capsys.readouterr().out
     assert completions["adapter"] == completions["adapter_only"] == completions["merged"]
     assert completions["adapter"] != completions["base"]
+
+
+# ------------------------------------------------------------------------------------------- model loading
+
+
+def _config_only_model(path, **shape):
+    """A model directory holding only config.json (no weights): what a size check must be able to judge."""
+    from transformers import Qwen2Config
+
+    Qwen2Config(**shape).save_pretrained(path)
+    return str(path)
+
+
+def test_a_model_too_large_for_the_device_is_refused_before_loading(tmp_path):
+    from spark_trl.models import ModelLoadError, check_fits, estimate_model_bytes, load_model
+
+    qwen_3b = _config_only_model(tmp_path / "3b", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                                 num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                                 tie_word_embeddings=True)
+    bf16 = estimate_model_bytes(qwen_3b, dtype="bfloat16")
+    nf4 = estimate_model_bytes(qwen_3b, load_in_4bit=True, dtype="bfloat16")
+    assert 3.0e9 * 2 < bf16 < 3.2e9 * 2  # Qwen2.5-3B: 3.09 B parameters
+    assert 1.5e9 < nf4 < 2.6e9  # embeddings stay bf16, the projections go to ~4.5 bits
+    with pytest.raises(ModelLoadError, match="needs about .* GiB .* 6.0 GiB free.*--load_in_4bit"):
+        check_fits(qwen_3b, dtype="bfloat16", available=6 * 2**30)
+    assert check_fits(qwen_3b, load_in_4bit=True, dtype="bfloat16", available=6 * 2**30) == nf4
+    huge = _config_only_model(tmp_path / "72b", vocab_size=152064, hidden_size=8192, intermediate_size=29568,
+                              num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8)
+    with pytest.raises(ModelLoadError, match="needs about"):
+        load_model(huge, dtype="bfloat16")  # no weights in the folder: the check comes first
+
+
+def test_estimate_matches_a_real_model(tiny_model_path, tiny):
+    from spark_trl.models import estimate_model_bytes
+
+    model, _ = tiny
+    real = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    assert estimate_model_bytes(tiny_model_path, dtype="float32") == real
+
+
+def test_four_bit_loading_is_nf4_with_double_quant(tiny_model_path):
+    import bitsandbytes as bnb
+
+    from spark_trl.models import load_model
+
+    model = load_model(tiny_model_path, load_in_4bit=True, dtype="float32", check_memory=False)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # q,k,v,o,gate,up,down in each of the 2 layers
+    state = layers[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested
+
+
+def test_adapter_path_errors_name_the_problem(tmp_path, tiny_model_path):
+    from spark_trl.models import ModelLoadError, check_adapter, load_model, resolve_model
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        check_adapter(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        check_adapter(tmp_path / "file")
+    with pytest.raises(ModelLoadError, match="holds a full model"):
+        load_model(tiny_model_path, adapter=tiny_model_path)
+    with pytest.raises(ModelLoadError, match="no model given"):
+        resolve_model(None)
