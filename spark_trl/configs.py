@@ -122,6 +122,12 @@ class SparkGRPOConfig(GRPOConfig):
     aux_error_tail_lines: int = field(
         default=6, metadata={"help": "Lines of the error output shown in a reflection example."}
     )
+    # TRL's default is True; SparkGRPOTrainer does not implement the correction (its old log-probs are the training
+    # model's) and refuses True, so that `--use_vllm` alone works.
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={"help": "TRL's importance-sampling correction of vLLM rollouts; not supported by SparkGRPOTrainer."},
+    )
     # Generation backend
     rollout_engine: str = field(
         default="trl",
