@@ -10,7 +10,8 @@ reward) runs through
   left out of the loss (what the feature saves or costs).
 
 The configurations are interleaved over repetitions so that a busy machine slows all of them alike. Per
-configuration it prints the median time per optimizer step (first step of each run excluded: warm-up), the
+configuration it prints the median wall time and process CPU time per optimizer step (first step of each run
+excluded: warm-up; on a shared machine the CPU time is the reliable one), the
 completion tokens generated per step and the peak memory (CUDA: `max_memory_allocated`; CPU: peak resident set
 growth during `train()`, sampled every 2 ms, after a discarded warm-up run of each configuration), and the
 ratios to `trl`.
@@ -78,6 +79,26 @@ class PeakMemory:
             self.peak = self._max - self.base
 
 
+class CpuTimePerStep:
+    """Process CPU time of each optimizer step: unlike wall time, hardly affected by other processes competing
+    for the cores of a shared machine (run with one thread)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):
+            def __init__(self):
+                self.times = []
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self._t0 = time.process_time()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.times.append(time.process_time() - self._t0)
+
+        return _Callback()
+
+
 class TokenCountingReward:
     """A reward that varies within most groups and is constant for every fourth prompt (as flat MBPP groups
     are), counting the completion tokens it scores."""
@@ -120,11 +141,14 @@ def run(kind: str, model_path: str, opts, out_dir: str):
     else:
         args = SparkGRPOConfig(min_generations=4, max_generations=8, generation_increment=2, **common)
         trainer_cls = SparkGRPOTrainer
-    trainer = trainer_cls(model=model_path, reward_funcs=reward, args=args, train_dataset=dataset)
+    cpu_time = CpuTimePerStep()
+    trainer = trainer_cls(model=model_path, reward_funcs=reward, args=args, train_dataset=dataset,
+                          callbacks=[cpu_time])
     with PeakMemory(cuda) as mem:
         trainer.train()
     times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
-    result = {"step_times": times[1:], "tokens_per_step": reward.tokens / max(len(times), 1), "peak": mem.peak}
+    result = {"step_times": times[1:], "cpu_times": cpu_time.times[1:],
+              "tokens_per_step": reward.tokens / max(len(times), 1), "peak": mem.peak}
     del trainer
     gc.collect()
     if cuda:
@@ -143,9 +167,12 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--beta", type=float, default=0.02)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time ~ work done)")
     opts = parser.parse_args()
 
     import torch
+
+    torch.set_num_threads(opts.threads)
     import transformers
     import trl
 
@@ -166,8 +193,8 @@ def main():
             for kind in kinds:
                 r = run(kind, model_path, opts, os.path.join(tmp, f"{kind}-{rep}"))
                 results[kind].append(r)
-                print(f"rep {rep} {kind:15s} median step {statistics.median(r['step_times']):.3f}s "
-                      f"peak {r['peak'] / 2**20:.1f} MiB", flush=True)
+                print(f"rep {rep} {kind:15s} median step {statistics.median(r['step_times']):.3f}s wall, "
+                      f"{statistics.median(r['cpu_times']):.3f}s CPU; peak {r['peak'] / 2**20:.1f} MiB", flush=True)
 
     cuda = torch.cuda.is_available() and not opts.cpu
     device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
@@ -176,16 +203,17 @@ def main():
           f"per step, G={opts.group_size} (adaptive 4..8), {opts.completion_length} new tokens, beta {opts.beta}, "
           f"{opts.steps} steps x {opts.reps} runs each\n")
     base = None
-    print(f"{'configuration':16s} {'s/step':>8s} {'ratio':>7s} {'tokens/step':>12s} {'peak MiB':>9s} {'ratio':>7s}")
+    print(f"{'configuration':16s} {'wall s/step':>11s} {'ratio':>6s} {'CPU s/step':>10s} {'ratio':>6s} "
+          f"{'tokens/step':>11s} {'peak MiB':>9s} {'ratio':>6s}")
     for kind in kinds:
-        times = [t for r in results[kind] for t in r["step_times"]]
-        step = statistics.median(times)
+        wall = statistics.median(t for r in results[kind] for t in r["step_times"])
+        cpu = statistics.median(t for r in results[kind] for t in r["cpu_times"])
         tokens = statistics.mean(r["tokens_per_step"] for r in results[kind])
-        peak = max(r["peak"] for r in results[kind])
+        peak = statistics.median(r["peak"] for r in results[kind])
         if base is None:
-            base = (step, peak)
-        print(f"{kind:16s} {step:8.3f} {step / base[0]:7.3f} {tokens:12.0f} {peak / 2**20:9.1f} "
-              f"{peak / base[1] if base[1] else float('nan'):7.3f}")
+            base = (wall, cpu, peak)
+        print(f"{kind:16s} {wall:11.3f} {wall / base[0]:6.3f} {cpu:10.3f} {cpu / base[1]:6.3f} {tokens:11.0f} "
+              f"{peak / 2**20:9.1f} {peak / base[2] if base[2] else float('nan'):6.3f}")
 
 
 if __name__ == "__main__":

@@ -680,6 +680,8 @@ class SparkGRPOTrainer(GRPOTrainer):
         # the policy changes, and the loss is normalised by the generation batch's global sequence/token count so
         # that padding rows and uneven ranks change nothing.
         if not (self._spark_path and self.model.training and "seq_weight" in inputs):
+            if self.loss_type == "spark":  # evaluation batches come from TRL's path: a plain mean over sequences
+                return self._spark_eval_loss(model, inputs)
             return super()._compute_loss(model, inputs)
         if self.state.global_step == self._rollout_global_step:
             inputs = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
@@ -700,6 +702,16 @@ class SparkGRPOTrainer(GRPOTrainer):
         if self._aux_on and self.args.aux_mode == "joint":
             loss = loss + self._joint_aux_loss(model)
         return loss
+
+    def _spark_eval_loss(self, model, inputs):
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, inputs["completion_ids"].size(1))
+        per_seq, _, _ = spark_policy_loss(
+            logps, logps.detach(), inputs.get("ref_per_token_logps"), inputs["advantages"],
+            inputs["completion_mask"], self.epsilon_low, self.epsilon_high, self.beta)
+        return per_seq.mean()
 
     def _spark_loss(self, model, inputs):
         """`loss_type="spark"`: see `spark_policy_loss`; normalised over the N sequences of the optimizer step."""

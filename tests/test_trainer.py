@@ -199,3 +199,34 @@ def test_spark_rollout_engine_missing_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="rollout_engine='spark' needs spark_trl.rollout.FastRolloutEngine"):
         SparkGRPOTrainer(model="/nonexistent/model", reward_funcs=lambda completions, **k: [0.0] * len(completions),
                          args=args, train_dataset=_dataset(["a"]))
+
+
+def test_spark_rollout_engine_glue(tiny_model_path, tmp_path, monkeypatch):
+    """rollout_engine='spark' generates through spark_trl.rollout.FastRolloutEngine (the real one, counted):
+    one call per generation round, weights synced once per optimizer step before generating."""
+    import spark_trl.rollout as rollout
+
+    calls = {"generate": [], "sync": 0}
+
+    class CountingEngine(rollout.FastRolloutEngine):
+        def generate(self, prompt_ids):
+            calls["generate"].append(len(prompt_ids))
+            return super().generate(prompt_ids)
+
+        def sync_weights(self, model=None, *a, **k):
+            calls["sync"] += 1
+            return super().sync_weights(model, *a, **k)
+
+    monkeypatch.setattr(rollout, "FastRolloutEngine", CountingEngine)
+    reward = PromptKeyedReward()
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
+                 loss_type="spark", rollout_engine="spark")
+    trainer = SparkGRPOTrainer(model=tiny_model_path, reward_funcs=reward, args=args,
+                               train_dataset=_dataset(["vary", "flat", "late", "vary2"]))
+    calls["sync"] = 0  # the engine may sync when it is built; count the trainer's calls
+    trainer.train()
+    assert isinstance(trainer._engine, CountingEngine)
+    # step 1: vary + flat (flat grows twice), step 2: late + vary2 (late grows once)
+    assert calls["generate"] == [8, 2, 2, 8, 2]
+    assert calls["sync"] == 2
+    assert trainer.spark_stats_history[-1]["rollouts"] == 22
