@@ -1,13 +1,14 @@
 """One rank of the 2-process CPU tests in tests/test_distributed.py; launched by torchrun, never collected by pytest.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py train,eval MODEL OUT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py train,eval,recipe MODEL OUT
 
 `train` runs SparkGRPOTrainer (LoRA, beta > 0, the study's loss, adaptive groups 4 -> 8) for two optimizer
 steps on a dataset arranged so that the two ranks need different top-ups (see `TASKS`), and writes
 OUT/rank{r}.json: the task ids each reward call saw, the number of training forward and backward passes, a
 hash of the trainable parameters and whether they moved, and the trainer's log history and spark_stats.
 `eval` runs `spark_trl.evaluation.evaluate_problems` on a few problems and writes OUT/eval_rank{r}.json.
-Both modes in one launch share the process start-up (most of the run time on 2 cores).
+`recipe` runs recipes/condition_a.py's study (2 tiny iterations) into OUT/run.
+Modes in one launch share the process start-up (most of the run time on 2 cores).
 """
 
 from __future__ import annotations
@@ -147,7 +148,26 @@ def evaluate(model_path: str, out: Path) -> None:
     (out / f"eval_rank{state.process_index}.json").write_text(json.dumps(report))
 
 
+def recipe(model_path: str, out: Path) -> None:
+    """recipes/condition_a.py's entry point with CPU-sized overrides: 2 iterations over 4 problems (one group of
+    2, topped up to at most 4, per rank and step), evaluation sharded over the ranks, checkpoints, final/ best/."""
+    import os
+
+    from spark_trl.runner import RECIPES, recipe_main
+
+    argv = ["--model_name_or_path", model_path, "--output_dir", str(out / "run"),
+            "--mbpp_path", os.environ["SPARK_TRL_MBPP"], "--max_train_problems", "4", "--iterations", "2",
+            "--load_in_4bit", "false", "--dtype", "float32", "--use_cpu", "true", "--gradient_checkpointing", "false",
+            "--eval_limit", "3", "--eval_n_samples", "2", "--eval_max_new_tokens", "4", "--eval_batch_size", "4",
+            "--max_completion_length", "4", "--min_generations", "2", "--max_generations", "4",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--exec_workers", "1",
+            "--exec_timeout", "5", "--logging_steps", "1", "--disable_tqdm", "true"]
+    code = recipe_main(RECIPES["condition_a"], argv)
+    if code != 0:
+        raise SystemExit(code)
+
+
 if __name__ == "__main__":
     modes, model_path, out_dir = sys.argv[1:4]
     for mode in modes.split(","):
-        {"train": train, "eval": evaluate}[mode](model_path, Path(out_dir))
+        {"train": train, "eval": evaluate, "recipe": recipe}[mode](model_path, Path(out_dir))

@@ -1,8 +1,8 @@
 """Two CPU processes (torchrun, gloo): SparkGRPOTrainer's adaptive groups and the sharded evaluation under DDP.
 
 One launch of tests/_dist_worker.py trains the tiny model for two optimizer steps with ranks that need different
-top-ups (rank 0 has nothing at all in the loss in step 1), then evaluates a few problems sharded over the two
-ranks. The tests check the ranks' reports: no hang, identical parameters, the same number of forward/backward
+top-ups (rank 0 has nothing at all in the loss in step 1), evaluates a few problems sharded over the two ranks,
+and runs recipes/condition_a.py's study (2 tiny iterations) end to end. The tests check the ranks' reports: no hang, identical parameters, the same number of forward/backward
 passes, and logged metrics that are the global values (worked out below from the deterministic reward), not
 either rank's own.
 """
@@ -49,12 +49,12 @@ def _expected(groups: list[str]) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def reports(tiny_model_path, tmp_path_factory):
+def reports(tiny_model_path, tmp_path_factory, mbpp_path):
     out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    env = {**os.environ, "SPARK_TRL_MBPP": str(mbpp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           "train,eval", tiny_model_path, str(out)]
+           "train,eval,recipe", tiny_model_path, str(out)]
     # Own session, so that on a timeout the launcher and both ranks are killed together.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -70,6 +70,7 @@ def reports(tiny_model_path, tmp_path_factory):
         "train": [load((out / f"rank{r}.json").read_text()) for r in (0, 1)],
         "eval": [load((out / f"eval_rank{r}.json").read_text()) for r in (0, 1)],
         "samples": [load(line) for line in (out / "heldout.samples.jsonl").read_text().splitlines()],
+        "run": out / "run",
     }
 
 
@@ -136,3 +137,26 @@ def test_evaluation_is_sharded_and_gathered(reports):
     # The samples file is written once (by rank 0), with every sample of every problem.
     samples = reports["samples"]
     assert sorted((s["task_id"], s["sample"]) for s in samples) == [(t, j) for t in e0["task_ids"] for j in (0, 1)]
+
+
+def test_recipe_study_runs_on_two_processes(reports):
+    run = reports["run"]
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]  # written once (rank 0), one row per iteration
+    for r in rows[1:]:
+        # 4 problems, one group per rank and step: 4 groups per iteration over both ranks (one rank has 2).
+        assert sum(r["group_sizes"].values()) == 4
+        assert r["train_rollouts"] == sum(int(k) * v for k, v in r["group_sizes"].items())
+        assert 2 <= r["mean_group_size"] <= 4
+    for name in ("iter1", "iter2", "last"):
+        ck = run / "checkpoints" / name
+        # The adapter once, and every rank's RNG state, for an exact resume on 2 processes.
+        assert (ck / "adapter_model.safetensors").is_file() and (ck / "optimizer.pt").is_file()
+        assert (ck / "rng_state_0.pth").is_file() and (ck / "rng_state_1.pth").is_file()
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert (run / "best" / "adapter_model.safetensors").is_file()
+    for it in (0, 1, 2):
+        for bench in ("humaneval", "mbpp-heldout"):
+            lines = (run / "eval" / f"iter{it}" / f"{bench}.samples.jsonl").read_text().splitlines()
+            samples = sorted((json.loads(x)["task_id"], json.loads(x)["sample"]) for x in lines)
+            assert len(samples) == 6 and len({t for t, _ in samples}) == 3  # 3 problems x 2 samples, once each
