@@ -758,22 +758,35 @@ class SparkGRPOTrainer(GRPOTrainer):
 
     def _prepare_joint_aux(self, rollouts: list[Rollout]):
         examples = [e for e in self.aux_objective.build(rollouts) if e.weight > 0]
-        for e in examples:
-            self._stats.aux_examples[e.kind] += 1
+        self._count_aux_examples(examples)
         random.Random(self.args.seed + self._group_counter).shuffle(examples)
         spg = self.args.steps_per_generation
         self._joint_aux_batches = [examples[j::spg] for j in range(spg)]
 
+    def _count_aux_examples(self, examples):
+        counts = Counter(e.kind for e in examples)
+        kinds = sorted(set(counts) | {"pointwise", "pairwise", "reflection"})
+        if self.accelerator.num_processes > 1:
+            kinds = sorted({k for lst in gather_object([kinds]) for k in lst})
+        for kind, total in zip(kinds, self._reduce_sum([counts.get(k, 0) for k in kinds])):
+            if total:
+                self._stats.aux_examples[kind] += int(total)
+
     def _joint_aux_loss(self, model):
         batch = self._joint_aux_batches[self._step % self.args.steps_per_generation] if self._joint_aux_batches else []
+        aux = 0.0
+        if batch:
+            # The unwrapped model: a second forward through the DDP wrapper before one backward is not allowed;
+            # the gradients still reach the shared parameters and are reduced with the GRPO loss's.
+            aux = self.aux_objective.loss(self.accelerator.unwrap_model(model), batch)
+        # Every rank gets here once per micro-step: the figures are averaged over the ranks that had a batch.
+        total, count = self._reduce_sum([float(aux.detach()) if batch else 0.0, 1.0 if batch else 0.0])
+        if count:
+            self._stats.aux_loss_sum += total / count
+            self._stats.aux_steps += 1
+            self._metrics["train"]["aux/loss"].append(total / count)
         if not batch:
             return 0.0
-        # The unwrapped model: a second forward through the DDP wrapper before one backward is not allowed; the
-        # gradients still reach the shared parameters and are reduced with the GRPO loss's.
-        aux = self.aux_objective.loss(self.accelerator.unwrap_model(model), batch)
-        self._stats.aux_loss_sum += float(aux.detach())
-        self._stats.aux_steps += 1
-        self._metrics["train"]["aux/loss"].append(float(aux.detach()))
         return self.args.aux_loss_scale * aux / self.current_gradient_accumulation_steps
 
     def _run_aux_phase(self):
@@ -785,8 +798,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         objective = self.aux_objective
         examples = [e for e in objective.build(self._epoch_rollouts) if e.weight > 0]
         self._epoch_rollouts = []
-        for e in examples:
-            self._stats.aux_examples[e.kind] += 1
+        self._count_aux_examples(examples)
         random.Random(self.args.seed + int(self.state.epoch or 0)).shuffle(examples)
         bs = self.args.aux_batch_size
         batches = [examples[i:i + bs] for i in range(0, len(examples), bs)]
@@ -797,6 +809,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         model.train()
         optimizer = self.optimizer
         scale = self.args.aux_loss_scale
+        loss_sum, steps = 0.0, 0
         for step in range(n_steps):
             if step < len(batches):
                 batch, weight = batches[step], 1.0
@@ -810,8 +823,12 @@ class SparkGRPOTrainer(GRPOTrainer):
             optimizer.step()
             optimizer.zero_grad()
             if weight:
-                self._stats.aux_loss_sum += float(aux.detach())
-                self._stats.aux_steps += 1
+                loss_sum += float(aux.detach())
+                steps += 1
+        # Global figures: the mean over every rank's real batches, and the number of optimizer steps taken.
+        loss_sum, steps = self._reduce_sum([loss_sum, steps])
+        self._stats.aux_loss_sum += loss_sum * n_steps / max(steps, 1)
+        self._stats.aux_steps += n_steps
 
 
 def spark_policy_loss(logps, old_logps, ref_logps, advantages, mask, epsilon_low=0.2, epsilon_high=0.2, beta=0.0):
