@@ -65,8 +65,28 @@ def train(model_path: str, out: Path) -> None:
     from datasets import Dataset
     from peft import LoraConfig
 
+    from transformers import TrainerCallback
+
     from spark_trl import SparkGRPOConfig, SparkGRPOTrainer
 
+    class CapturingTrainer(SparkGRPOTrainer):
+        """Keeps the generation batch of the first optimizer step (the real method's output)."""
+
+        def _generate_and_score_completions(self, inputs):
+            batch = super()._generate_and_score_completions(inputs)
+            if self.model.training and self.state.global_step == 0:
+                self.first_batch = {k: v.detach().cpu() for k, v in batch.items() if torch.is_tensor(v)}
+            return batch
+
+    class GradientProbe(TrainerCallback):
+        """The accumulated, all-reduced gradient of the first optimizer step, just before the optimizer uses it."""
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                grads["step1"] = {n: p.grad.detach().float().cpu().clone()
+                                  for n, p in model.named_parameters() if p.requires_grad}
+
+    grads: dict = {}
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Solve task {t}."}] for t in TASKS],
                                  "task_id": TASKS})
     args = SparkGRPOConfig(
@@ -74,12 +94,13 @@ def train(model_path: str, out: Path) -> None:
         disable_tqdm=True, logging_steps=1, seed=0, shuffle_dataset=False, max_completion_length=6,
         per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, learning_rate=5e-2,
         min_generations=4, max_generations=8, generation_increment=2, loss_type="spark", beta=0.02,
+        max_grad_norm=1e6,  # no clipping: the gradient probe sees the raw accumulated gradient
     )
     reward = PromptKeyedReward()
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                       task_type="CAUSAL_LM")
-    trainer = SparkGRPOTrainer(model=model_path, reward_funcs=reward, args=args, train_dataset=dataset,
-                               peft_config=lora)
+    trainer = CapturingTrainer(model=model_path, reward_funcs=reward, args=args, train_dataset=dataset,
+                               peft_config=lora, callbacks=[GradientProbe()])
     rank = trainer.accelerator.process_index
     assert trainer.accelerator.num_processes == 2, "launch with 2 processes"
 
@@ -116,6 +137,8 @@ def train(model_path: str, out: Path) -> None:
         "spark_stats": trainer.spark_stats_history,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(report, default=str))
+    # For the test's single-process recomputation of the first step's gradient.
+    torch.save({"init": before, "batch": trainer.first_batch, "grads": grads["step1"]}, out / f"rank{rank}.pt")
 
 
 def evaluate(model_path: str, out: Path) -> None:

@@ -71,6 +71,7 @@ def reports(tiny_model_path, tmp_path_factory, mbpp_path):
         "eval": [load((out / f"eval_rank{r}.json").read_text()) for r in (0, 1)],
         "samples": [load(line) for line in (out / "heldout.samples.jsonl").read_text().splitlines()],
         "run": out / "run",
+        "dir": out,
     }
 
 
@@ -91,6 +92,51 @@ def test_ranks_with_different_top_ups_finish_in_lockstep(reports):
     assert r0["param_digest_before"] == r1["param_digest_before"]
     assert r0["param_digest"] == r1["param_digest"]
     assert r0["moved"] and r1["moved"]
+
+
+def test_first_step_gradient_is_one_process_gradient_over_all_sequences(reports, tiny_model_path):
+    """The all-reduced gradient of step 1 equals, in one process, the gradient of the study's loss averaged over
+    the 10 sequences in the loss of both ranks (rank 0 has none, rank 1 all 10): the loss is normalised by the
+    global sequence count, not per rank (which would halve it here), and padding rows contribute nothing."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from spark_trl.trainer import spark_policy_loss
+
+    saved = [torch.load(reports["dir"] / f"rank{r}.pt") for r in (0, 1)]
+    assert saved[0]["grads"].keys() == saved[1]["grads"].keys()
+    for name, g in saved[0]["grads"].items():
+        assert torch.equal(g, saved[1]["grads"][name])
+    assert [float(s["batch"]["seq_weight"].sum()) for s in saved] == [0.0, 10.0]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved[0]["init"].items():
+            params[name].copy_(value)
+    model.train()
+    loss = 0.0
+    for s in saved:
+        b = s["batch"]
+        t = b["completion_ids"].size(1)
+        logits = model(input_ids=torch.cat([b["prompt_ids"], b["completion_ids"]], 1),
+                       attention_mask=torch.cat([b["prompt_mask"], b["completion_mask"]], 1)).logits[:, -t - 1:-1]
+        logps = torch.log_softmax(logits.float(), -1).gather(-1, b["completion_ids"].unsqueeze(-1)).squeeze(-1)
+        per_seq, _, _ = spark_policy_loss(logps, logps.detach(), b["ref_per_token_logps"], b["advantages"],
+                                          b["completion_mask"] * b["tool_mask"], 0.2, 0.2, 0.02)
+        loss = loss + (per_seq * b["seq_weight"]).sum()
+    (loss / 10).backward()
+    reference = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert reference.keys() == saved[0]["grads"].keys()
+    norm = torch.sqrt(sum((g ** 2).sum() for g in reference.values()))
+    assert norm > 0
+    for name, g in reference.items():
+        torch.testing.assert_close(saved[0]["grads"][name], g, rtol=1e-4, atol=1e-6 * float(norm))
+    logged = [h["grad_norm"] for h in reports["train"][0]["log_history"] if "grad_norm" in h][0]
+    assert logged == pytest.approx(float(norm), rel=1e-4)
 
 
 def test_logged_group_statistics_are_global(reports):
