@@ -146,9 +146,25 @@ def test_fsdp_config_is_the_qlora_one():
     assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true" and env["FSDP_SYNC_MODULE_STATES"] == "true"
     assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
     assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
-    # The launch line of docs/distributed.md stores the 4-bit weights in bf16, which FSDP can shard.
+
+
+def test_fsdp_launch_line_stores_4bit_weights_in_bfloat16(tiny_model_path):
+    """The FSDP launch line of docs/distributed.md passes --bnb_4bit_quant_storage bfloat16; the recipes' model
+    loader honours it, so every weight FSDP flattens (packed 4-bit and LoRA alike) is bfloat16."""
+    import torch
+
+    from spark_trl.models import load_model
+
     _, _, model_args = parse_recipe(_recipe(RECIPE_FILES[0]), ["--bnb_4bit_quant_storage", "bfloat16"])
     assert model_args.bnb_4bit_quant_storage == "bfloat16"
+    model = load_model(tiny_model_path, load_in_4bit=True, dtype="float32", device="cpu",
+                       quant_storage=model_args.bnb_4bit_quant_storage)
+    assert model.config.quantization_config.bnb_4bit_quant_storage == torch.bfloat16
+    packed = model.model.layers[0].self_attn.q_proj.weight
+    assert type(packed).__name__ == "Params4bit" and packed.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    default = load_model(tiny_model_path, load_in_4bit=True, dtype="float32", device="cpu")
+    assert default.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8  # bitsandbytes' own default
 
 
 def test_deepspeed_config():
