@@ -81,15 +81,20 @@ def resolve_dtype(dtype: str | None):
 
 
 def quantization_config(load_in_4bit: bool = True, compute_dtype="bfloat16", double_quant: bool = True,
-                        quant_type: str = "nf4"):
-    """The study's 4-bit config (NF4, double quantization, bf16 compute), or None when not quantizing."""
+                        quant_type: str = "nf4", quant_storage=None):
+    """The study's 4-bit config (NF4, double quantization, bf16 compute), or None when not quantizing.
+
+    ``quant_storage`` (e.g. ``"bfloat16"``): the dtype the packed 4-bit weights are stored in; FSDP can only shard
+    float storage (QLoRA under FSDP, see docs/distributed.md). None keeps bitsandbytes' uint8.
+    """
     if not load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
+    extra = {"bnb_4bit_quant_storage": resolve_dtype(quant_storage)} if quant_storage else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                               bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=resolve_dtype(compute_dtype))
+                              bnb_4bit_compute_dtype=resolve_dtype(compute_dtype), **extra)
 
 
 def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=LORA_TARGET_MODULES):
@@ -208,7 +213,7 @@ def load_tokenizer(model_name_or_path: str, adapter: str | None = None):
 
 def load_model(model_name_or_path: str | None, adapter: str | None = None, load_in_4bit: bool = False,
                dtype="auto", device: str | None = None, check_memory: bool = True,
-               attn_implementation: str | None = None, trainable_adapter: bool = False):
+               attn_implementation: str | None = None, trainable_adapter: bool = False, quant_storage=None):
     """A causal LM ready for generation or training.
 
     ``adapter``: a PEFT adapter directory applied on top (``trainable_adapter`` keeps it trainable).
@@ -233,7 +238,10 @@ def load_model(model_name_or_path: str | None, adapter: str | None = None, load_
     kwargs = {"dtype": resolve_dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    quant = quantization_config(load_in_4bit, dtype if dtype not in (None, "auto") else "bfloat16")
+    quant = quantization_config(load_in_4bit, dtype if dtype not in (None, "auto") else "bfloat16",
+                                quant_storage=quant_storage)
+    if quant is not None and quant_storage:
+        kwargs["dtype"] = resolve_dtype(quant_storage)  # FSDP flattens 4-bit and float weights together
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}

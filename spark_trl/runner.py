@@ -494,7 +494,8 @@ class StudyRunner:
             tokenizer = load_tokenizer(margs.model_name_or_path)
         if model is None:
             model = load_model(margs.model_name_or_path, load_in_4bit=margs.load_in_4bit, dtype=margs.dtype,
-                               attn_implementation=margs.attn_implementation)
+                               attn_implementation=margs.attn_implementation,
+                               quant_storage=margs.bnb_4bit_quant_storage)
         reward = ExecutionReward(syntax_penalty=study.syntax_penalty, runtime_penalty=study.runtime_penalty,
                                  timeout_penalty=study.timeout_penalty, wrong_answer_floor=study.wrong_answer_floor,
                                  timeout=study.exec_timeout)
