@@ -182,6 +182,7 @@ def generate(model, tokenizer, prompts: Sequence[str], config: EvalConfig,
     outputs: list[list[str]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    _keep_cpu_4bit_layout(model)
     bar = _progress(len(rows), "generate", config.progress)
     batch_size, start = config.batch_size, 0
     gen_kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True)
@@ -217,6 +218,18 @@ def generate(model, tokenizer, prompts: Sequence[str], config: EvalConfig,
         bar.close()
         model.train(was_training)
     return outputs
+
+
+def _keep_cpu_4bit_layout(model) -> None:
+    """bitsandbytes (0.45+) repacks a CPU 4-bit layer's weight for inference on its first forward in eval mode,
+    and a later training forward on the repacked weight fails ("a view of a leaf Variable ... in-place"). Keeping
+    those layers flagged as training (their flag only selects the weight layout; dropout lives in the LoRA
+    modules, which stay in eval mode) lets a study evaluate between training steps on CPU."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.device.type == "cpu":
+                module.training = True
 
 
 def generate_vllm(model_name_or_path: str, prompts: Sequence[str], config: EvalConfig,

@@ -300,3 +300,20 @@ def test_adapter_path_errors_name_the_problem(tmp_path, tiny_model_path):
         load_model(tiny_model_path, adapter=tiny_model_path)
     with pytest.raises(ModelLoadError, match="no model given"):
         resolve_model(None)
+
+
+def test_evaluating_a_cpu_4bit_model_leaves_it_trainable(tiny_model_path, mbpp_problems):
+    """bitsandbytes repacks CPU 4-bit weights on an eval-mode forward, after which training forwards fail; a study
+    evaluates between training steps, so generation must not trigger that repacking."""
+    from peft import get_peft_model
+
+    from spark_trl.models import load_model, load_tokenizer, lora_config
+
+    model = get_peft_model(load_model(tiny_model_path, load_in_4bit=True, dtype="float32", check_memory=False),
+                           lora_config())
+    tokenizer = load_tokenizer(tiny_model_path)
+    model.train()
+    generate(model, tokenizer, chat_prompts(tokenizer, mbpp_problems[:1]),
+             EvalConfig(n_samples=1, max_new_tokens=2, progress=False))
+    model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.sum().backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
