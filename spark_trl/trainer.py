@@ -292,7 +292,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         columns = getattr(train_dataset, "column_names", None)
         if columns is not None:
             funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-            needs = [(getattr(f, "__name__", type(f).__name__), tuple(getattr(f, "required_columns", ()) or ()))
+            needs = [(getattr(f, "__name__", type(f).__name__), _required_columns(f))
                      for f in funcs if f is not None and not isinstance(f, str)]
             if aux_objective is not None:
                 needs.append((type(aux_objective).__name__, tuple(aux_objective.required_columns)))
@@ -891,6 +891,20 @@ def group_advantages(rewards: torch.Tensor, group_of: torch.Tensor, std: str = "
             adv = adv / (_group_std(r, std) + epsilon)
         advantages[idx] = torch.nan_to_num(adv, nan=0.0)
     return advantages, no_variance
+
+
+def _required_columns(reward_func) -> tuple[str, ...]:
+    """Dataset columns a reward function reads: its `required_columns` attribute, or, for spark-trl's
+    ExecutionReward, the columns of `spark_trl.data.to_grpo_dataset` that it executes against."""
+    declared = getattr(reward_func, "required_columns", None)
+    if declared is not None:
+        return tuple(declared)
+    try:
+        from .data import REWARD_COLUMNS
+        from .reward import ExecutionReward
+    except ImportError:
+        return ()
+    return tuple(REWARD_COLUMNS) if isinstance(reward_func, ExecutionReward) else ()
 
 
 def _group_std(r: torch.Tensor, kind: str) -> float:

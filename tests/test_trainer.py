@@ -180,13 +180,14 @@ def test_bad_input_is_rejected_before_the_model_loads(tmp_path):
     args = _args(tmp_path, per_device_train_batch_size=4)
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['tests', 'test_setup', 'entry_point'\]"):
         SparkGRPOTrainer(model="/nonexistent/model", reward_funcs=reward, args=args, train_dataset=ds)
+    from spark_trl.reward import ExecutionReward
+
+    with pytest.raises(ValueError, match=r"ExecutionReward|execution_reward"):
+        SparkGRPOTrainer(model="/nonexistent/model", reward_funcs=ExecutionReward(), args=args, train_dataset=ds)
     reward.required_columns = ()
     with pytest.raises(ValueError, match="aux_loss_scale=0.1 but no auxiliary objective"):
         SparkGRPOTrainer(model="/nonexistent/model", reward_funcs=reward, train_dataset=ds,
                          args=_args(tmp_path, per_device_train_batch_size=4, aux_loss_scale=0.1))
-    with pytest.raises(ValueError, match="multiple of min_generations"):
-        SparkGRPOTrainer(model="/nonexistent/model", reward_funcs=reward, train_dataset=ds,
-                         args=_args(tmp_path, per_device_train_batch_size=6, gradient_accumulation_steps=1))
     args = _args(tmp_path, per_device_train_batch_size=4)
     args.max_generations = 2  # a config mutated after construction is checked again
     with pytest.raises(ValueError, match="max_generations"):
