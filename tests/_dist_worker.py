@@ -2,8 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py train,eval,recipe MODEL OUT
 
-`train` runs SparkGRPOTrainer (LoRA, beta > 0, the study's loss, adaptive groups 4 -> 8) for two optimizer
-steps on a dataset arranged so that the two ranks need different top-ups (see `TASKS`), and writes
+`train` runs SparkGRPOTrainer (LoRA, beta > 0, the study's loss, adaptive groups 4 -> 8, an auxiliary phase at the
+end of the epoch) for two optimizer steps on a dataset arranged so that the two ranks need different top-ups (see
+`TASKS`) and have different numbers of auxiliary examples, and writes
 OUT/rank{r}.json: the task ids each reward call saw, the number of training forward and backward passes, a
 hash of the trainable parameters and whether they moved, and the trainer's log history and spark_stats.
 `eval` runs `spark_trl.evaluation.evaluate_problems` on a few problems and writes OUT/eval_rank{r}.json.
@@ -65,9 +66,20 @@ def train(model_path: str, out: Path) -> None:
     from datasets import Dataset
     from peft import LoraConfig
 
-    from transformers import TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
 
     from spark_trl import SparkGRPOConfig, SparkGRPOTrainer
+    from spark_trl.recycling import AuxExample, RecyclingObjective
+
+    class RewardedRolloutsObjective(RecyclingObjective):
+        """The built-in objective's loss on one small example per rollout with reward > 0: 3 on rank 0 and 5 on
+        rank 1 over the epoch, so with batches of 2 the auxiliary phase has 2 real steps on rank 0 and 3 on rank 1."""
+
+        required_columns = ("task_id",)
+
+        def build(self, rollouts):
+            return [self._tokenize(AuxExample("reflection", self._chat(f"task {r.row['task_id']}", "ok"), 1.0))
+                    for r in rollouts if r.reward > 0]
 
     class CapturingTrainer(SparkGRPOTrainer):
         """Keeps the generation batch of the first optimizer step (the real method's output)."""
@@ -86,6 +98,10 @@ def train(model_path: str, out: Path) -> None:
                 grads["step1"] = {n: p.grad.detach().float().cpu().clone()
                                   for n, p in model.named_parameters() if p.requires_grad}
 
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == args.max_steps:  # before the epoch's auxiliary phase
+                grads["digest_before_aux"] = _digest(_trainable_state(model))
+
     grads: dict = {}
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Solve task {t}."}] for t in TASKS],
                                  "task_id": TASKS})
@@ -95,12 +111,15 @@ def train(model_path: str, out: Path) -> None:
         per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, learning_rate=5e-2,
         min_generations=4, max_generations=8, generation_increment=2, loss_type="spark", beta=0.02,
         max_grad_norm=1e6,  # no clipping: the gradient probe sees the raw accumulated gradient
+        aux_loss_scale=0.5, aux_mode="phase", aux_batch_size=2,
+        lr_scheduler_type="constant",  # a linear decay would reach 0 before the auxiliary phase at the epoch's end
     )
     reward = PromptKeyedReward()
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                       task_type="CAUSAL_LM")
     trainer = CapturingTrainer(model=model_path, reward_funcs=reward, args=args, train_dataset=dataset,
-                               peft_config=lora, callbacks=[GradientProbe()])
+                               peft_config=lora, callbacks=[GradientProbe()],
+                               aux_objective=RewardedRolloutsObjective(AutoTokenizer.from_pretrained(model_path)))
     rank = trainer.accelerator.process_index
     assert trainer.accelerator.num_processes == 2, "launch with 2 processes"
 
@@ -132,6 +151,7 @@ def train(model_path: str, out: Path) -> None:
         "global_step": trainer.state.global_step,
         "param_digest": _digest(after),
         "param_digest_before": _digest(before),
+        "param_digest_before_aux": grads["digest_before_aux"],
         "moved": any(not torch.equal(before[n], after[n]) for n in before),
         "log_history": trainer.state.log_history,
         "spark_stats": trainer.spark_stats_history,

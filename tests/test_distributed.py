@@ -1,7 +1,8 @@
 """Two CPU processes (torchrun, gloo): SparkGRPOTrainer's adaptive groups and the sharded evaluation under DDP.
 
 One launch of tests/_dist_worker.py trains the tiny model for two optimizer steps with ranks that need different
-top-ups (rank 0 has nothing at all in the loss in step 1), evaluates a few problems sharded over the two ranks,
+top-ups (rank 0 has nothing at all in the loss in step 1) and an auxiliary phase with different numbers of
+examples per rank, evaluates a few problems sharded over the two ranks,
 and runs recipes/condition_a.py's study (2 tiny iterations) end to end. The tests check the ranks' reports: no hang, identical parameters, the same number of forward/backward
 passes, and logged metrics that are the global values (worked out below from the deterministic reward), not
 either rank's own.
@@ -84,14 +85,17 @@ def test_ranks_with_different_top_ups_finish_in_lockstep(reports):
                                   ["flat1"] * 2 + ["flat2"] * 2, ["vary2"] * 4 + ["late2"] * 4, ["late2"] * 2]
     assert r1["reward_calls"] == [["vary1"] * 4 + ["late1"] * 4, ["late1"] * 2, ["flat3"] * 4 + ["vary3"] * 4,
                                   ["flat3"] * 2, ["flat3"] * 2]
-    # Same number of loss forwards and backwards on both ranks (2 optimizer steps x 2 accumulation micro-steps),
-    # although rank 0 has no sequence in the loss in step 1 and rank 1 has 10.
+    # Same number of forwards and backwards on both ranks: 2 optimizer steps x 2 accumulation micro-steps, although
+    # rank 0 has no sequence in the loss in step 1 and rank 1 has 10; then 3 auxiliary steps, although rank 0 has
+    # 3 examples (2 batches) and rank 1 has 5 (3 batches).
     for r in (r0, r1):
-        assert (r["global_step"], r["micro_steps"], r["forward"], r["backward"]) == (2, 4, 4, 4)
-    # DDP kept the replicas identical, and training did move them.
+        assert (r["global_step"], r["micro_steps"], r["forward"], r["backward"]) == (2, 4, 7, 7)
+    # DDP kept the replicas identical, after the GRPO steps and after the auxiliary phase, which moved them too.
     assert r0["param_digest_before"] == r1["param_digest_before"]
+    assert r0["param_digest_before_aux"] == r1["param_digest_before_aux"]
     assert r0["param_digest"] == r1["param_digest"]
     assert r0["moved"] and r1["moved"]
+    assert r0["param_digest"] != r0["param_digest_before_aux"] != r0["param_digest_before"]
 
 
 def test_first_step_gradient_is_one_process_gradient_over_all_sequences(reports, tiny_model_path):
@@ -168,6 +172,9 @@ def test_logged_group_statistics_are_global(reports):
     assert epoch["mean_reward"] == pytest.approx(8 / 48)
     # beta > 0: the reference forward covers exactly the sequences in the loss, counted over both ranks.
     assert epoch["ref_forward_sequences"] == 24
+    # The auxiliary phase: 3 + 5 examples, 3 optimizer steps (the most any rank needs).
+    assert epoch["aux_examples"] == {"reflection": 8}
+    assert epoch["aux_steps"] == 3
 
 
 def test_evaluation_is_sharded_and_gathered(reports):
