@@ -174,7 +174,12 @@ def _enc(obj, out: bytearray, on_other, depth: int):
         data = obj.__name__.encode()
         out += b"Y" + _L.pack(len(data)) + data
     else:
-        out += b"h" + _Q.pack(on_other(obj))
+        ref = on_other(obj)
+        if type(ref) is str:  # a program global referred to by name (see RemoteHandle)
+            data = ref.encode("utf-8", "surrogatepass")
+            out += b"n" + _L.pack(len(data)) + data
+        else:
+            out += b"h" + _Q.pack(ref)
 
 
 def decode(data: bytes, on_handle):
@@ -268,6 +273,11 @@ def _dec_at(buf, pos, on_handle, depth):
     if tag == b"h":
         (hid,) = _Q.unpack_from(buf, pos)
         return on_handle(hid), pos + 8
+    if tag == b"n":
+        n, pos = _dec_len(buf, pos)
+        if pos + n > len(buf):
+            raise WireError("truncated name")
+        return on_handle(bytes(buf[pos:pos + n]).decode("utf-8", "surrogatepass")), pos + n
     raise WireError(f"unknown tag {tag!r}")
 
 
@@ -282,8 +292,9 @@ class _Closed(Exception):
     pass
 
 
-class _Deadline(Exception):
-    pass
+class _Deadline(BaseException):
+    """The judge's deadline. A BaseException, like the other harness signals, so that a test's own
+    ``except Exception`` cannot swallow it."""
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
@@ -335,8 +346,13 @@ def _runner_serve(sock: socket.socket, setup: str, code: str) -> None:
             ids[key] = hid
         return hid
 
-    def from_handle(hid):
-        return table[hid]
+    def from_handle(ref):
+        if type(ref) is str:
+            try:
+                return ns[ref]
+            except KeyError:
+                raise NameError(f"name {ref!r} is not defined") from None
+        return table[ref]
 
     def reply(value, mutations=()):
         try:
@@ -352,22 +368,21 @@ def _runner_serve(sock: socket.socket, setup: str, code: str) -> None:
     ns: dict = {"__name__": "__main__", "__builtins__": builtins}
     try:
         exec(compile(setup, "<setup>", "exec"), ns)
-        before = {k: id(v) for k, v in ns.items()}
         exec(compile(code, "<program>", "exec"), ns)
-        names = {k: to_handle(v) for k, v in list(ns.items())
-                 if not k.startswith("__") and (k not in before or before[k] != id(v))}
-        _send_frame(sock, encode(("ready", names), lambda o: 0))
+        # One-way: the judge has already queued its first request behind this (no round trip spent on it).
+        _send_frame(sock, encode(("ready",), lambda o: 0))
     except BaseException as exc:  # noqa: BLE001 - the program's failure is the answer
-        error(exc)
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        _send_frame(sock, encode(("loaderr", type(exc).__name__, _tail(tb)), lambda o: 0))
         return
     while True:
         try:
             request = decode(_recv_frame(sock, None), from_handle)
         except _Closed:
             return
-        op, hid = request[0], request[1]
+        op, ref = request[0], request[1]
         try:
-            target = table[hid]
+            target = from_handle(ref)
             if op == "call":
                 args, kwargs = request[2], request[3]
                 before_args = []
@@ -479,8 +494,12 @@ def _zygote_main(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | No
         if not r:
             continue
         try:
-            req = pickle.loads(_recv_frame(sock, None))
-        except (_Closed, EOFError):
+            op, fds, _, _ = socket.recv_fds(sock, 1, 1)
+            if op == b"S" and len(fds) == 1:
+                req = pickle.loads(_recv_frame(sock, None))
+            elif op != b"W":
+                os._exit(0)
+        except (_Closed, EOFError, OSError):
             os._exit(0)
         if ns_init:
             # Nothing of an earlier runner may survive: kill everything in our pid namespace but ourselves.
@@ -489,19 +508,17 @@ def _zygote_main(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | No
             except ProcessLookupError:
                 pass
             _reap()
-        if req.get("op") == "sweep":
+        if op == b"W":
             continue
-        j, rsock = socket.socketpair()
+        rsock = socket.socket(fileno=fds[0])
         pid = os.fork()
         if pid == 0:
             sock.close()
-            j.close()
             cfg2 = dict(cfg, setup=req["setup"], memory_mb=req["memory_mb"], cpu_seconds=req["cpu_seconds"])
             _runner_child(rsock, req["code"], cfg2, root, ruleset_fd)
         rsock.close()
-        pidfd = os.pidfd_open(pid)
-        socket.send_fds(sock, [pickle.dumps(pid)], [j.fileno(), pidfd])
-        j.close()
+        pidfd = os.pidfd_open(pid)  # before any reaping: the pid cannot have been reused
+        socket.send_fds(sock, [_Q.pack(pid)], [pidfd])
         os.close(pidfd)
 
 
@@ -522,29 +539,69 @@ class _RemoteError(Exception):
     """An exception raised by the program in the runner (only its type name and traceback tail cross)."""
 
 
-class _RunnerGone(Exception):
+class _RunnerGone(BaseException):
     pass
 
 
 class _Runner:
-    """The judge's view of one runner: its socket, pidfd and temp dir."""
+    """The judge's view of one runner: its socket, and (once the zygote's reply is read) its pid/pidfd."""
 
-    def __init__(self, sock, pid, pidfd, tmp):
-        self.sock, self.pid, self.pidfd, self.tmp = sock, pid, pidfd, tmp
-        self.handles: dict[int, RemoteHandle] = {}
+    def __init__(self, sock, judge):
+        self.sock, self.judge = sock, judge
+        self.pid: int | None = None
+        self.pidfd: int | None = None
+        self.handles: dict = {}
         self.deadline: float | None = None
         self.dead = False
+        self.loaded = False
 
-    def handle(self, hid: int) -> "RemoteHandle":
-        h = self.handles.get(hid)
+    def attach(self) -> None:
+        """Read the zygote's reply to our spawn: the pid (meaningful only without a pid namespace) and pidfd."""
+        if self.pidfd is None:
+            msg, fds, _, _ = socket.recv_fds(self.judge.zsock, 8, 1)
+            if len(msg) != 8 or len(fds) != 1:
+                raise SystemExit("the zygote died")
+            self.pidfd = fds[0]
+            # Under a pid namespace the zygote's pid numbers mean nothing here: the pidfd is the handle.
+            self.pid = None if self.judge.cfg["pidns"] else _Q.unpack(msg)[0]
+
+    def handle(self, ref) -> "RemoteHandle":
+        h = self.handles.get(ref)
         if h is None:
-            h = self.handles[hid] = RemoteHandle(self, hid)
+            h = self.handles[ref] = RemoteHandle(self, ref)
         return h
+
+    def _frame(self):
+        """The next frame; the runner's one-way load report comes first and is consumed here."""
+        while True:
+            try:
+                msg = decode(_recv_frame(self.sock, self.deadline), self.handle)
+            except _Deadline:
+                if not self.loaded:
+                    raise _LoadFailed("timeout", "Timeout", "the program did not finish loading before the deadline")
+                raise
+            except (_Closed, BrokenPipeError, ConnectionResetError):
+                self.dead = True
+                if not self.loaded:
+                    raise _LoadFailed("runtime_error", "ProcessDied", "the program's process died while loading")
+                raise _RunnerGone("the program's process died") from None
+            except WireError:
+                self.dead = True
+                raise _RunnerGone("the program's process sent an invalid frame") from None
+            if self.loaded:
+                return msg
+            if msg == ("ready",):
+                self.loaded = True
+                continue
+            self.dead = True
+            if type(msg) is tuple and len(msg) == 3 and msg[0] == "loaderr":
+                raise _LoadFailed("runtime_error", str(msg[1])[:200], str(msg[2])[-_TAIL:])
+            raise _LoadFailed("runtime_error", "ProtocolError", "the program's process sent an invalid message")
 
     def request(self, *req):
         def to_ref(obj):
             if type(obj) is RemoteHandle and obj._runner is self:
-                return obj._hid
+                return obj._ref
             raise _Unencodable(f"cannot send a {type(obj).__name__} to the program")
 
         if self.dead:
@@ -555,13 +612,9 @@ class _Runner:
             raise TypeError(str(exc)) from None
         try:
             _send_frame(self.sock, data)
-            reply = decode(_recv_frame(self.sock, self.deadline), self.handle)
-        except (_Closed, BrokenPipeError, ConnectionResetError):
-            self.dead = True
-            raise _RunnerGone("the program's process died") from None
-        except WireError:
-            self.dead = True
-            raise _RunnerGone("the program's process sent an invalid reply") from None
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # a dead runner shows as EOF on the read below
+        reply = self._frame()
         if type(reply) is not tuple or not reply:
             self.dead = True
             raise _RunnerGone("the program's process sent an invalid reply")
@@ -577,6 +630,7 @@ class _Runner:
     def kill(self) -> None:
         """SIGKILL the runner (and its session when its pid means something here), wait until it is gone.
         Under a pid namespace the zygote then sweeps the namespace (see _zygote_main)."""
+        self.attach()
         try:
             if not self._exited():
                 if self.pid is not None:
@@ -616,14 +670,14 @@ class RemoteHandle:
     """A program object that is not plain data, living in the runner. Usable as an argument of later calls,
     callable, and its attributes/items/iteration are fetched remotely; equal only to itself."""
 
-    __slots__ = ("_runner", "_hid")
+    __slots__ = ("_runner", "_ref")
 
-    def __init__(self, runner, hid):
+    def __init__(self, runner, ref):  # ref: a handle id, or the name of a global of the program
         object.__setattr__(self, "_runner", runner)
-        object.__setattr__(self, "_hid", hid)
+        object.__setattr__(self, "_ref", ref)
 
     def __call__(self, *args, **kwargs):
-        value, mutations = self._runner.request("call", self._hid, args, kwargs)
+        value, mutations = self._runner.request("call", self._ref, args, kwargs)
         for i, new in mutations if type(mutations) is list else ():
             if type(i) is int and 0 <= i < len(args):
                 _copy_back(args[i], new)
@@ -632,15 +686,15 @@ class RemoteHandle:
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return self._runner.request("getattr", self._hid, name)[0]
+        return self._runner.request("getattr", self._ref, name)[0]
 
     def __iter__(self):
-        value = self._runner.request("iter", self._hid)[0]
+        value = self._runner.request("iter", self._ref)[0]
         return iter(value if type(value) is list else [])
 
     def __len__(self):
         try:
-            value = self._runner.request("len", self._hid)[0]
+            value = self._runner.request("len", self._ref)[0]
         except _RemoteError as exc:  # list(handle) asks for a length hint first: unsized is no error there
             raise TypeError(f"remote len() failed: {exc}") from None
         if type(value) is not int:
@@ -648,20 +702,20 @@ class RemoteHandle:
         return value
 
     def __bool__(self):
-        return self._runner.request("bool", self._hid)[0] is True
+        return self._runner.request("bool", self._ref)[0] is True
 
     def __str__(self):
-        value = self._runner.request("str", self._hid)[0]
+        value = self._runner.request("str", self._ref)[0]
         return value if type(value) is str else "<remote object>"
 
     def __getitem__(self, key):
-        return self._runner.request("getitem", self._hid, key)[0]
+        return self._runner.request("getitem", self._ref, key)[0]
 
     def __contains__(self, item):
-        return self._runner.request("contains", self._hid, item)[0] is True
+        return self._runner.request("contains", self._ref, item)[0] is True
 
     def __repr__(self):
-        return f"<remote object #{self._hid}>"
+        return f"<remote object {self._ref!r}>"
 
 
 def _copy_back(arg, new) -> None:
@@ -709,7 +763,7 @@ class _JudgeTimer:
 class _Judge:
     def __init__(self, conn_in, conn_out, cfg: dict, root: str):
         self.cin, self.cout, self.cfg, self.root = conn_in, conn_out, cfg, root
-        self.n = 0
+        self.pending: _Runner | None = None
         self.timer = _JudgeTimer()
         zsock, self.zsock = socket.socketpair()
         self.zsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -732,20 +786,23 @@ class _Judge:
 
     # ---------------------------------------------------------------- runners
     def spawn(self, setup: str, code: str, memory_mb: int, cpu_seconds: int) -> _Runner:
-        self.n += 1
-        _send_frame(self.zsock, pickle.dumps({"setup": setup, "code": code, "memory_mb": memory_mb,
-                                              "cpu_seconds": cpu_seconds}))
-        msg, fds, _, _ = socket.recv_fds(self.zsock, 1 << 16, 2)
-        if not msg or len(fds) != 2:
-            raise SystemExit("zygote died")
-        # Under a pid namespace the zygote's pid numbers mean nothing here: the pidfd is the handle.
-        pid = None if self.cfg["pidns"] else pickle.loads(msg)
-        return _Runner(socket.socket(fileno=fds[0]), pid, fds[1], self.root)
+        """Ask the zygote for a runner on a socket pair of ours; one-way (its reply is read at kill time), so
+        the first test's request is already queued when the runner starts serving."""
+        mine, theirs = socket.socketpair()
+        try:
+            socket.send_fds(self.zsock, [b"S"], [theirs.fileno()])
+            _send_frame(self.zsock, pickle.dumps({"setup": setup, "code": code, "memory_mb": memory_mb,
+                                                  "cpu_seconds": cpu_seconds}))
+        except OSError:
+            raise SystemExit("the zygote died") from None
+        finally:
+            theirs.close()
+        return _Runner(mine, self)
 
     def cleanup(self, runner: _Runner) -> None:
         runner.kill()
         if self.cfg["pidns"]:
-            _send_frame(self.zsock, pickle.dumps({"op": "sweep"}))
+            self.zsock.sendall(b"W")
         for entry in os.listdir(self.root):  # the runner may write anywhere in the judge's root
             path = os.path.join(self.root, entry)
             try:
@@ -758,12 +815,13 @@ class _Judge:
 
     # ---------------------------------------------------------------- jobs
     def run_job(self, job: dict) -> dict:
+        """Every test of one job. The last runner is left for ``finish()``, called after the reply is sent."""
         t0 = time.perf_counter()
         tests = job["tests"]
         code = job["code"]
         results: list = []
         try:
-            compile(code, "<program>", "exec")
+            program = compile(code, "<program>", "exec")
         except BaseException as exc:  # SyntaxError, ValueError (null bytes), UnicodeError, RecursionError...
             tail = _tail("".join(traceback.format_exception_only(type(exc), exc)))
             results = [("syntax_error", 0.0, type(exc).__name__, tail)] * len(tests)
@@ -773,10 +831,10 @@ class _Judge:
         timeout = float(job["timeout"])
         cpu = int(timeout * (len(tests) + 1)) + 2
         runner: _Runner | None = None
-        runner_names: dict = {}
+        stored: list = []  # the program's top-level names, computed when a test needs them
         load_failure = None
         try:
-            for i, test_code in enumerate(test_codes):
+            for test_code in test_codes:
                 start = time.perf_counter()
                 deadline = time.monotonic() + timeout
                 if load_failure is not None:
@@ -785,12 +843,10 @@ class _Judge:
                 try:
                     if runner is None:
                         runner = self.spawn(job["setup"], code, job["memory_mb"], cpu)
-                        runner.deadline = deadline
-                        runner_names = self._ready(runner)
                     runner.deadline = deadline
                     self.timer.arm(deadline - time.monotonic() + 0.25)
                     try:
-                        self._run_test(test_code, setup_code, runner, runner_names, job.get("entry_point") or "")
+                        self._run_test(test_code, setup_code, runner, program, stored, job.get("entry_point") or "")
                     finally:
                         self.timer.disarm()
                     results.append(("passed", time.perf_counter() - start, None, ""))
@@ -804,43 +860,69 @@ class _Judge:
                         if runner is not None:
                             self.cleanup(runner)
                         runner = None
-        finally:
-            self.timer.disarm()
+        except BaseException:
             if runner is not None:
                 self.cleanup(runner)
+            raise
+        finally:
+            self.timer.disarm()
+        self.pending = runner
         return {"tests": results, "duration": time.perf_counter() - t0}
 
-    def _ready(self, runner: _Runner) -> dict:
-        try:
-            msg = decode(_recv_frame(runner.sock, runner.deadline), lambda hid: hid)
-        except _Deadline:
-            raise _LoadFailed("timeout", "Timeout", "the program did not finish loading before the deadline")
-        except (_Closed, WireError):
-            raise _LoadFailed("runtime_error", "ProcessDied", "the program's process died while loading")
-        if type(msg) is tuple and len(msg) == 3 and msg[0] == "err":
-            raise _LoadFailed("runtime_error", str(msg[1])[:200], str(msg[2])[-_TAIL:])
-        if type(msg) is tuple and len(msg) == 2 and msg[0] == "ready" and type(msg[1]) is dict:
-            return {k: v for k, v in msg[1].items() if type(k) is str and type(v) is int}
-        raise _LoadFailed("runtime_error", "ProtocolError", "the program's process sent an invalid message")
+    def finish(self) -> None:
+        """Kill the last runner of a job and clean its files (after the result went out)."""
+        runner, self.pending = self.pending, None
+        if runner is not None:
+            self.cleanup(runner)
 
-    def _run_test(self, test_code, setup_code, runner: _Runner, runner_names: dict, entry_point: str) -> None:
+    def _run_test(self, test_code, setup_code, runner: _Runner, program, stored: list, entry_point: str) -> None:
         ns: dict = {"__name__": "__main__", "__builtins__": builtins}
         exec(setup_code, ns)
-        wanted = _names_of(test_code)
-        defined = set(ns)
-        program_names = [n for n in wanted if n in runner_names and n not in defined]
-        # A program name that shadows a builtin (MBPP 126 tests a function called `sum`) is bound only when it
-        # is the entry point, or when the test uses no other program name: otherwise `def len(x): return 3`
-        # would rig the test's own comparisons.
-        plain = [n for n in program_names if not hasattr(builtins, n)]
-        for name in program_names:
-            if hasattr(builtins, name) and not (name == entry_point or (not entry_point and not plain)):
-                continue
-            ns[name] = runner.handle(runner_names[name])
+        wanted = [n for n in _names_of(test_code) if n not in ns]
+        plain = [n for n in wanted if not hasattr(builtins, n)]
+        for name in plain:  # resolved by name in the runner when used: a missing one is the program's NameError
+            ns[name] = runner.handle(name)
+        shadowing = [n for n in wanted if hasattr(builtins, n)]
+        if shadowing:
+            # A program name that shadows a builtin (MBPP 126 tests a function called `sum`) is bound only when
+            # it is the entry point, or when the test uses no other name of the program: otherwise
+            # `def len(x): return 3` would rig the test's own comparisons.
+            if not stored:
+                stored.append(_stored_names(program))
+            defined = stored[0]
+            others = [n for n in plain if n in defined]
+            for name in shadowing:
+                if name in defined and (name == entry_point or (not entry_point and not others)):
+                    ns[name] = runner.handle(name)
         exec(test_code, ns)
 
 
-class _LoadFailed(Exception):
+_STORE_OPS = None
+
+
+def _stored_names(code) -> set[str]:
+    """Names a program binds at top level (def, class, import, assignment) or declares ``global``: a scan of
+    the raw bytecode for STORE_NAME/STORE_GLOBAL (``dis`` is ten times slower)."""
+    global _STORE_OPS
+    if _STORE_OPS is None:
+        import dis
+
+        _STORE_OPS = (dis.opmap["STORE_NAME"], dis.opmap["STORE_GLOBAL"], dis.opmap["EXTENDED_ARG"])
+    store_name, store_global, extended = _STORE_OPS
+    names = set()
+    raw, co_names, ext = code.co_code, code.co_names, 0
+    for i in range(0, len(raw) - 1, 2):
+        op, arg = raw[i], raw[i + 1] | ext
+        ext = (arg << 8) if op == extended else 0
+        if (op == store_name or op == store_global) and arg < len(co_names):
+            names.add(co_names[arg])
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            names |= _stored_names(const)
+    return names
+
+
+class _LoadFailed(BaseException):
     def __init__(self, status, error_type, tail):
         super().__init__(tail)
         self.status, self.error_type, self.tail = status, error_type, tail
@@ -937,6 +1019,7 @@ def _judge_main() -> None:
             if job is None:
                 break
             _write_msg(cout, judge.run_job(job))
+            judge.finish()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
