@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 ADVANTAGE_STDS = ("population", "sample")
+TOP_UP_MODES = ("rounds", "prefetch")
 SKIP_ZERO_ADVANTAGE = ("group", "sequence", "none")
 AUX_MODES = ("phase", "joint")
 AUX_OBJECTIVES = ("recycling",)
@@ -65,6 +66,15 @@ class SparkGRPOConfig(GRPOConfig):
     )
     generation_increment: int = field(
         default=2, metadata={"help": "Completions added to a group without reward variance at each top-up."}
+    )
+    top_up_mode: str = field(
+        default="rounds",
+        metadata={
+            "help": "'rounds': top-ups are sampled in further generation rounds, only for the groups that need them "
+            "(fewest tokens; the study). 'prefetch': max_generations are sampled per prompt in one round and the "
+            "top-ups are taken from them (one generation round: faster where a decoding step costs the same at "
+            "any batch size, as on a GPU; the unused samples are discarded). Groups are the same in distribution."
+        },
     )
     adaptive_std_threshold: float = field(
         default=1e-8, metadata={"help": "A group whose reward std is at most this has no variance (is topped up)."}
@@ -156,6 +166,7 @@ class SparkGRPOConfig(GRPOConfig):
                 "min_generations=max_generations=G and leave num_generations unset."
             )
         _check_choice("advantage_std", self.advantage_std, ADVANTAGE_STDS)
+        _check_choice("top_up_mode", self.top_up_mode, TOP_UP_MODES)
         _check_choice("skip_zero_advantage", self.skip_zero_advantage, SKIP_ZERO_ADVANTAGE)
         _check_choice("aux_mode", self.aux_mode, AUX_MODES)
         _check_choice("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)

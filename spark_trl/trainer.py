@@ -413,31 +413,55 @@ class SparkGRPOTrainer(GRPOTrainer):
         rows, prompts, prompt_ids, completion_ids, completions, group_of, outcomes = [], [], [], [], [], [], []
         reward_chunks = []
 
-        def run_round(group_indices: list[int], per_prompt: int):
-            # Every rank calls the backend with the same number of prompts (collective backends need it); ranks
-            # with fewer groups to grow pad with copies of their first group and throw those completions away.
-            n_global = self._reduce_max(len(group_indices)) if self.accelerator.num_processes > 1 else len(
-                group_indices)
-            if n_global == 0:
-                return False
-            padded = group_indices + [0] * (n_global - len(group_indices))
-            round_prompts = [groups[g]["prompt"] for g in padded for _ in range(per_prompt)]
-            p_ids, c_ids, comps = self._generate_round(round_prompts, per_prompt)
-            n_real = len(group_indices) * per_prompt
+        # top_up_mode="prefetch": the first round samples max_generations per prompt at once and top-ups are
+        # revealed from the spares (same distribution as sampling them later: the samples are i.i.d.).
+        prefetch = args.top_up_mode == "prefetch" and args.adaptive
+        spares: dict[int, list[tuple]] = defaultdict(list)
+        generated_tokens = [0]
+
+        def run_round(group_indices: list[int], per_prompt: int, first: bool = False):
+            if prefetch and not first:
+                taken = [spares[g].pop(0) for g in group_indices for _ in range(per_prompt)]
+                p_ids = [t[0] for t in taken]
+                c_ids = [t[1] for t in taken]
+                comps = [t[2] for t in taken]
+                round_prompts = [groups[g]["prompt"] for g in group_indices for _ in range(per_prompt)]
+            else:
+                # Every rank calls the backend with the same number of prompts (collective backends need it);
+                # ranks with fewer groups to grow pad with copies of their first group and throw those away.
+                n_global = self._reduce_max(len(group_indices)) if self.accelerator.num_processes > 1 else len(
+                    group_indices)
+                if n_global == 0:
+                    return
+                padded = group_indices + [0] * (n_global - len(group_indices))
+                sampled = args.max_generations if (prefetch and first) else per_prompt
+                all_prompts = [groups[g]["prompt"] for g in padded for _ in range(sampled)]
+                p_all, c_all, comp_all = self._generate_round(all_prompts, sampled)
+                generated_tokens[0] += sum(len(c) for c in c_all[:len(group_indices) * sampled])
+                p_ids, c_ids, comps, round_prompts = [], [], [], []
+                for k, g in enumerate(group_indices):
+                    for j in range(sampled):
+                        item = (p_all[k * sampled + j], c_all[k * sampled + j], comp_all[k * sampled + j])
+                        if j < per_prompt:
+                            p_ids.append(item[0])
+                            c_ids.append(item[1])
+                            comps.append(item[2])
+                            round_prompts.append(all_prompts[k * sampled + j])
+                        else:
+                            spares[g].append(item)
             round_rows = [groups[g] for g in group_indices for _ in range(per_prompt)]
-            if n_real:
-                r, o = self._score(round_rows, round_prompts[:n_real], comps[:n_real], c_ids[:n_real])
+            if round_rows:
+                r, o = self._score(round_rows, round_prompts, comps, c_ids)
                 reward_chunks.append(r)
                 outcomes.extend(o)
             rows.extend(round_rows)
-            prompts.extend(round_prompts[:n_real])
-            prompt_ids.extend(p_ids[:n_real])
-            completion_ids.extend(c_ids[:n_real])
-            completions.extend(comps[:n_real])
+            prompts.extend(round_prompts)
+            prompt_ids.extend(p_ids)
+            completion_ids.extend(c_ids)
+            completions.extend(comps)
             group_of.extend(g for g in group_indices for _ in range(per_prompt))
-            return True
 
-        run_round(list(range(len(groups))), k0)
+        run_round(list(range(len(groups))), k0, first=True)
         size = [k0] * len(groups)
         weights = self.reward_weights.to(device)
 
@@ -485,7 +509,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         # ---- statistics (global) and logging
         lengths = [len(c) for c in completion_ids]
         saved = 0.0
-        for g in range(len(groups)):
+        for g in range(len(groups) if not prefetch else 0):  # prefetch generates max_generations anyway
             glen = [lengths[i] for i in range(n) if group_of[i] == g]
             saved += (args.max_generations - size[g]) * (sum(glen) / max(len(glen), 1))
         finite = ~torch.isnan(rewards)
@@ -496,10 +520,10 @@ class SparkGRPOTrainer(GRPOTrainer):
             len(groups), sum(size), sum(s > k0 for s in size), sum(no_variance), n, sum(lengths), saved,
             int(keep.sum()), sum(o.all_passed for o in with_outcome), len(with_outcome),
             float(rewards[finite].sum()), int(finite.sum()), float((rewards[finite] ** 2).sum()), truncated,
-            sum(len(p) for p in prompt_ids),
+            sum(len(p) for p in prompt_ids), generated_tokens[0],
         ]
         (n_groups, size_sum, topped, constant, n_all, tokens, saved, kept, passed, judged, r_sum, r_cnt, r_sq,
-         truncated, prompt_tokens) = self._reduce_sum(local)
+         truncated, prompt_tokens, generated) = self._reduce_sum(local)
         hist = Counter(size)
         if self.accelerator.num_processes > 1:
             hist = Counter()
@@ -524,6 +548,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         m["spark/frac_groups_without_variance"].append(constant / max(n_groups, 1))
         m["spark/completions"].append(n_all)
         m["spark/completion_tokens"].append(tokens)
+        m["spark/generated_tokens"].append(generated)  # with prefetch, includes the spares never used
         m["spark/tokens_saved_vs_max_generations"].append(saved)
         m["spark/frac_sequences_in_loss"].append(kept / max(n_all, 1))
         if judged:

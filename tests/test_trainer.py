@@ -231,3 +231,26 @@ def test_spark_rollout_engine_glue(tiny_model_path, tmp_path, monkeypatch):
     assert calls["generate"] == [8, 2, 2, 8, 2]
     assert calls["sync"] == 2
     assert trainer.spark_stats_history[-1]["rollouts"] == 22
+
+
+def test_prefetch_top_ups_come_from_one_generation_round(tiny_model_path, tmp_path):
+    """top_up_mode='prefetch': one generation call of max_generations per prompt; the rewards see exactly what
+    the round-by-round mode shows them (4 each, then the top-ups of the groups without variance only)."""
+
+    class CountingRounds(SparkGRPOTrainer):
+        def _generate_round(self, prompts, per_prompt):
+            self.rounds = getattr(self, "rounds", []) + [(len(prompts), per_prompt)]
+            return super()._generate_round(prompts, per_prompt)
+
+    reward = PromptKeyedReward()
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=3, max_steps=1,
+                 loss_type="spark", top_up_mode="prefetch")
+    trainer = CountingRounds(model=tiny_model_path, reward_funcs=reward, args=args,
+                             train_dataset=_dataset(["vary", "late", "flat"]))
+    trainer.train()
+    assert trainer.rounds == [(24, 8)]
+    assert reward.calls == [["vary"] * 4 + ["late"] * 4 + ["flat"] * 4, ["late"] * 2 + ["flat"] * 2, ["flat"] * 2]
+    assert trainer.spark_stats_history[-1]["group_sizes"] == {4: 1, 6: 1, 8: 1}
+    log = trainer.state.log_history[0]
+    assert log["spark/completions"] == 18 and log["spark/tokens_saved_vs_max_generations"] == 0
+    assert log["spark/generated_tokens"] >= log["spark/completion_tokens"]
