@@ -1,6 +1,6 @@
 """One rank of the 2-process CPU tests in tests/test_distributed.py; launched by torchrun, never collected by pytest.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py train,eval,recipe MODEL OUT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py train,train_joint,eval,recipe MODEL OUT
 
 `train` runs SparkGRPOTrainer (LoRA, beta > 0, the study's loss, adaptive groups 4 -> 8, an auxiliary phase at the
 end of the epoch) for two optimizer steps on a dataset arranged so that the two ranks need different top-ups (see
@@ -8,7 +8,8 @@ end of the epoch) for two optimizer steps on a dataset arranged so that the two 
 OUT/rank{r}.json: the task ids each reward call saw, the number of training forward and backward passes, a
 hash of the trainable parameters and whether they moved, and the trainer's log history and spark_stats.
 `eval` runs `spark_trl.evaluation.evaluate_problems` on a few problems and writes OUT/eval_rank{r}.json.
-`recipe` runs recipes/condition_a.py's study (2 tiny iterations) into OUT/run.
+`train_joint` is `train` with the auxiliary loss joint with the GRPO loss and two optimizer steps per generation
+(writes OUT/rank{r}_joint.json). `recipe` runs recipes/condition_a.py's study (2 tiny iterations) into OUT/run.
 Modes in one launch share the process start-up (most of the run time on 2 cores).
 """
 
@@ -62,7 +63,7 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def train(model_path: str, out: Path) -> None:
+def train(model_path: str, out: Path, joint: bool = False) -> None:
     from datasets import Dataset
     from peft import LoraConfig
 
@@ -108,10 +109,12 @@ def train(model_path: str, out: Path) -> None:
     args = SparkGRPOConfig(
         output_dir=str(out / "trainer"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
         disable_tqdm=True, logging_steps=1, seed=0, shuffle_dataset=False, max_completion_length=6,
-        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, learning_rate=5e-2,
+        per_device_train_batch_size=4, learning_rate=5e-2,
+        # phase: 2 micro-steps per optimizer step; joint: 2 optimizer steps per generation (old log-probs needed)
+        gradient_accumulation_steps=1 if joint else 2, steps_per_generation=2, max_steps=4 if joint else 2,
         min_generations=4, max_generations=8, generation_increment=2, loss_type="spark", beta=0.02,
         max_grad_norm=1e6,  # no clipping: the gradient probe sees the raw accumulated gradient
-        aux_loss_scale=0.5, aux_mode="phase", aux_batch_size=2,
+        aux_loss_scale=0.5, aux_mode="joint" if joint else "phase", aux_batch_size=2,
         lr_scheduler_type="constant",  # a linear decay would reach 0 before the auxiliary phase at the epoch's end
     )
     reward = PromptKeyedReward()
@@ -156,7 +159,10 @@ def train(model_path: str, out: Path) -> None:
         "log_history": trainer.state.log_history,
         "spark_stats": trainer.spark_stats_history,
     }
-    (out / f"rank{rank}.json").write_text(json.dumps(report, default=str))
+    suffix = "_joint" if joint else ""
+    (out / f"rank{rank}{suffix}.json").write_text(json.dumps(report, default=str))
+    if joint:
+        return
     # For the test's single-process recomputation of the first step's gradient.
     torch.save({"init": before, "batch": trainer.first_batch, "grads": grads["step1"]}, out / f"rank{rank}.pt")
 
@@ -213,4 +219,5 @@ def recipe(model_path: str, out: Path) -> None:
 if __name__ == "__main__":
     modes, model_path, out_dir = sys.argv[1:4]
     for mode in modes.split(","):
-        {"train": train, "eval": evaluate, "recipe": recipe}[mode](model_path, Path(out_dir))
+        {"train": train, "train_joint": lambda m, o: train(m, o, joint=True), "eval": evaluate,
+         "recipe": recipe}[mode](model_path, Path(out_dir))

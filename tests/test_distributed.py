@@ -2,7 +2,7 @@
 
 One launch of tests/_dist_worker.py trains the tiny model for two optimizer steps with ranks that need different
 top-ups (rank 0 has nothing at all in the loss in step 1) and an auxiliary phase with different numbers of
-examples per rank, evaluates a few problems sharded over the two ranks,
+examples per rank (then again with the auxiliary loss joint and two optimizer steps per generation), evaluates a few problems sharded over the two ranks,
 and runs recipes/condition_a.py's study (2 tiny iterations) end to end. The tests check the ranks' reports: no hang, identical parameters, the same number of forward/backward
 passes, and logged metrics that are the global values (worked out below from the deterministic reward), not
 either rank's own.
@@ -55,7 +55,7 @@ def reports(tiny_model_path, tmp_path_factory, mbpp_path):
     env = {**os.environ, "SPARK_TRL_MBPP": str(mbpp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           "train,eval,recipe", tiny_model_path, str(out)]
+           "train,train_joint,eval,recipe", tiny_model_path, str(out)]
     # Own session, so that on a timeout the launcher and both ranks are killed together.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -69,6 +69,7 @@ def reports(tiny_model_path, tmp_path_factory, mbpp_path):
     load = json.loads
     return {
         "train": [load((out / f"rank{r}.json").read_text()) for r in (0, 1)],
+        "joint": [load((out / f"rank{r}_joint.json").read_text()) for r in (0, 1)],
         "eval": [load((out / f"eval_rank{r}.json").read_text()) for r in (0, 1)],
         "samples": [load(line) for line in (out / "heldout.samples.jsonl").read_text().splitlines()],
         "run": out / "run",
@@ -96,6 +97,27 @@ def test_ranks_with_different_top_ups_finish_in_lockstep(reports):
     assert r0["param_digest"] == r1["param_digest"]
     assert r0["moved"] and r1["moved"]
     assert r0["param_digest"] != r0["param_digest_before_aux"] != r0["param_digest_before"]
+
+
+def test_joint_auxiliary_loss_and_two_steps_per_generation(reports):
+    """aux_mode='joint' with steps_per_generation=2 and no accumulation: every micro-step is an optimizer step and
+    the second one over a rollout uses cached old log-probs. The ranks' auxiliary batches differ (rank 0 has none
+    for the first rollout), so their forward counts differ, yet they run the same backward passes, log the same
+    values and end with identical parameters."""
+    r0, r1 = reports["joint"]
+    assert r0["reward_calls"] == reports["train"][0]["reward_calls"]  # same rollouts as the phase run
+    assert (r0["global_step"], r0["micro_steps"], r0["backward"]) == (r1["global_step"], r1["micro_steps"],
+                                                                      r1["backward"]) == (4, 4, 4)
+    assert (r0["forward"], r1["forward"]) == (4 + 2, 4 + 4)  # GRPO forwards + joint auxiliary forwards
+    assert r0["param_digest"] == r1["param_digest"] and r0["moved"]
+    for a, b in zip(r0["log_history"], r1["log_history"]):
+        assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {
+            k: v for k, v in b.items() if k not in TIMING_KEYS}
+    ratios = [h["ratio_mean"] for h in r0["log_history"] if "ratio_mean" in h]
+    assert ratios[0] == ratios[2] == 1.0 and ratios[1] != 1.0 and ratios[3] != 1.0  # fresh vs cached old log-probs
+    epoch = r0["spark_stats"][-1]
+    assert epoch["aux_examples"] == {"reflection": 8} and epoch["aux_steps"] == 4
+    assert epoch["group_sizes"] == {"4": 3, "6": 2, "8": 3} and epoch["sequences_in_loss"] == 24
 
 
 def test_first_step_gradient_is_one_process_gradient_over_all_sequences(reports, tiny_model_path):
