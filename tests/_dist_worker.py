@@ -8,8 +8,8 @@ end of the epoch) for two optimizer steps on a dataset arranged so that the two 
 OUT/rank{r}.json: the task ids each reward call saw, the number of training forward and backward passes, a
 hash of the trainable parameters and whether they moved, and the trainer's log history and spark_stats.
 `eval` runs `spark_trl.evaluation.evaluate_problems` on a few problems and writes OUT/eval_rank{r}.json.
-`train_joint` is `train` with the auxiliary loss joint with the GRPO loss and two optimizer steps per generation
-(writes OUT/rank{r}_joint.json). `recipe` runs recipes/condition_a.py's study (2 tiny iterations) into OUT/run.
+`train_joint` is `train` with the auxiliary loss joint with the GRPO loss, two optimizer steps per generation and
+top-ups taken from prefetched samples (writes OUT/rank{r}_joint.json). `recipe` runs recipes/condition_a.py's study (2 tiny iterations) into OUT/run.
 Modes in one launch share the process start-up (most of the run time on 2 cores).
 """
 
@@ -116,6 +116,7 @@ def train(model_path: str, out: Path, joint: bool = False) -> None:
         max_grad_norm=1e6,  # no clipping: the gradient probe sees the raw accumulated gradient
         aux_loss_scale=0.5, aux_mode="joint" if joint else "phase", aux_batch_size=2,
         lr_scheduler_type="constant",  # a linear decay would reach 0 before the auxiliary phase at the epoch's end
+        top_up_mode="prefetch" if joint else "rounds",
     )
     reward = PromptKeyedReward()
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],

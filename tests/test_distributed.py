@@ -99,13 +99,19 @@ def test_ranks_with_different_top_ups_finish_in_lockstep(reports):
     assert r0["param_digest"] != r0["param_digest_before_aux"] != r0["param_digest_before"]
 
 
-def test_joint_auxiliary_loss_and_two_steps_per_generation(reports):
+def test_joint_auxiliary_loss_two_steps_per_generation_and_prefetched_top_ups(reports):
     """aux_mode='joint' with steps_per_generation=2 and no accumulation: every micro-step is an optimizer step and
-    the second one over a rollout uses cached old log-probs. The ranks' auxiliary batches differ (rank 0 has none
+    the second one over a rollout uses cached old log-probs; top_up_mode='prefetch' samples max_generations per
+    prompt in one round (a collective call on every rank) and reveals top-ups from the spares. The ranks' auxiliary batches differ (rank 0 has none
     for the first rollout), so their forward counts differ, yet they run the same backward passes, log the same
     values and end with identical parameters."""
     r0, r1 = reports["joint"]
-    assert r0["reward_calls"] == reports["train"][0]["reward_calls"]  # same rollouts as the phase run
+    # The reward sees the same groups and top-ups as with generation rounds.
+    assert r0["reward_calls"] == reports["train"][0]["reward_calls"]
+    assert r1["reward_calls"] == reports["train"][1]["reward_calls"]
+    steps = [h for h in r0["log_history"] if "spark/completions" in h]
+    assert [h["spark/completions"] for h in steps] == [26, 22]
+    assert all(h["spark/generated_tokens"] > h["spark/completion_tokens"] for h in steps)  # the unused spares
     assert (r0["global_step"], r0["micro_steps"], r0["backward"]) == (r1["global_step"], r1["micro_steps"],
                                                                       r1["backward"]) == (4, 4, 4)
     assert (r0["forward"], r1["forward"]) == (4 + 2, 4 + 4)  # GRPO forwards + joint auxiliary forwards
