@@ -220,17 +220,17 @@ def test_spark_rollout_engine_glue(tiny_model_path, tmp_path, monkeypatch):
 
     monkeypatch.setattr(rollout, "FastRolloutEngine", CountingEngine)
     reward = PromptKeyedReward()
-    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=2,
                  loss_type="spark", rollout_engine="spark")
     trainer = SparkGRPOTrainer(model=tiny_model_path, reward_funcs=reward, args=args,
-                               train_dataset=_dataset(["vary", "flat", "late", "vary2"]))
+                               train_dataset=_dataset(["vary", "flat"]))
     calls["sync"] = 0  # the engine may sync when it is built; count the trainer's calls
     trainer.train()
     assert isinstance(trainer._engine, CountingEngine)
-    # step 1: vary + flat (flat grows twice), step 2: late + vary2 (late grows once)
-    assert calls["generate"] == [8, 2, 2, 8, 2]
+    # step 1: vary (4), step 2: flat (4, grown twice by 2)
+    assert calls["generate"] == [4, 4, 2, 2]
     assert calls["sync"] == 2
-    assert trainer.spark_stats_history[-1]["rollouts"] == 22
+    assert trainer.spark_stats_history[-1]["rollouts"] == 12
 
 
 def test_prefetch_top_ups_come_from_one_generation_round(tiny_model_path, tmp_path):

@@ -148,6 +148,7 @@ class EpochProbe(TrainerCallback):
                           params.clone()))
 
 
+@pytest.mark.slow
 def test_phase_mode_runs_after_each_epoch_before_the_user_s_callbacks(tiny_model_path, tmp_path):
     probe = EpochProbe()
     args = SparkGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
