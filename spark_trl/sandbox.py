@@ -764,6 +764,7 @@ class _Judge:
     def __init__(self, conn_in, conn_out, cfg: dict, root: str):
         self.cin, self.cout, self.cfg, self.root = conn_in, conn_out, cfg, root
         self.pending: _Runner | None = None
+        self.cache: dict = {}
         self.timer = _JudgeTimer()
         zsock, self.zsock = socket.socketpair()
         self.zsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -826,8 +827,8 @@ class _Judge:
             tail = _tail("".join(traceback.format_exception_only(type(exc), exc)))
             results = [("syntax_error", 0.0, type(exc).__name__, tail)] * len(tests)
             return {"tests": results, "duration": time.perf_counter() - t0}
-        setup_code = compile(job["setup"], "<setup>", "exec")
-        test_codes = [compile(t, f"<test {i}>", "exec") for i, t in enumerate(tests)]
+        setup_code = self._compiled(job["setup"], "<setup>")
+        test_codes = [self._compiled(t, f"<test {i}>") for i, t in enumerate(tests)]
         timeout = float(job["timeout"])
         cpu = int(timeout * (len(tests) + 1)) + 2
         runner: _Runner | None = None
@@ -868,6 +869,16 @@ class _Judge:
             self.timer.disarm()
         self.pending = runner
         return {"tests": results, "duration": time.perf_counter() - t0}
+
+    def _compiled(self, source: str, name: str):
+        """Trusted dataset code, compiled once: GRPO sends the same tests for every completion of a group."""
+        key = (source, name)
+        code = self.cache.get(key)
+        if code is None:
+            if len(self.cache) > 4096:
+                self.cache.clear()
+            code = self.cache[key] = compile(source, name, "exec")
+        return code
 
     def finish(self) -> None:
         """Kill the last runner of a job and clean its files (after the result went out)."""
