@@ -625,10 +625,12 @@ class StudyRunner:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:
             self.state = json.loads((ckpt / STUDY_STATE).read_text())
+            step = self.state.get("global_step")
             for key in ("global_step", "name", "time"):
                 self.state.pop(key, None)
             self.resumed_from = ckpt
-            logger.info("resuming from %s (step %s)", ckpt, self.state.get("global_step"))
+            logger.info("resuming from %s (optimizer step %s, %d iterations evaluated)", ckpt, step,
+                        len(self.state["rows"]))
         elif _is_main():
             _write_json(self.output_dir / RUN_CONFIG, self.settings())
         self.build_trainer(dataset, model, tokenizer)

@@ -4,6 +4,7 @@ recovery, and a real run killed with SIGKILL (and one stopped with SIGTERM) then
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -182,31 +183,48 @@ def _wait_for_step(out: Path, proc, step: int, timeout: float = 240):
     pytest.fail(f"no checkpoint at step {step} within {timeout}s")
 
 
+class _SignalAt(TrainerCallback):
+    """Sends a real signal to this process while optimizer step ``step`` is in flight (the handler is the
+    runner's)."""
+
+    def __init__(self, step: int, sig: int):
+        self.step, self.sig = step, sig
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
 @pytest.mark.slow
-def test_stopped_and_killed_runs_resume_to_the_same_artefacts(uninterrupted, tiny_model_path, mbpp_path, tmp_path):
-    """recipes/condition_a.py as a script: SIGTERM at step 1 (clean stop, resume command), resumed; SIGKILL at
-    step 3 (no clean-up at all), resumed; the artefacts are those of the uninterrupted run."""
+def test_stopped_and_killed_runs_resume_to_the_same_artefacts(uninterrupted, tiny_model_path, mbpp_path, tmp_path,
+                                                              capsys, caplog):
+    """SIGTERM at step 1 (clean stop, resume command); resumed by recipes/condition_a.py as a script and killed
+    there with SIGKILL at step 3 (no clean-up at all); resumed again: the artefacts are those of the
+    uninterrupted run (same rows, same adapter weights, same files)."""
+    from spark_trl.runner import RECIPES
+
     out = tmp_path / "run"
     argv = _argv(tiny_model_path, out, mbpp_path)
-    proc = _run(argv)
-    _wait_for_step(out, proc, 1)
-    proc.send_signal(signal.SIGTERM)
-    log, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
-    assert "Resume with:" in log and "--resume" in log.split("Resume with:")[1]
-    assert "Traceback" not in log and not (out / "final").exists()
-    assert json.loads((out / "checkpoints" / "last" / STUDY_STATE).read_text())["global_step"] >= 1
+    result = run_study(*parse_recipe(RECIPES["condition_a"], argv), progress=False,
+                       callbacks=[_SignalAt(1, signal.SIGTERM)])
+    assert result["status"] == "interrupted" and result["exit_code"] == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 1" in err and "--resume" in err.split("Resume with:")[1]
+    assert json.loads((out / "checkpoints" / "last" / STUDY_STATE).read_text())["global_step"] == 1
+    assert not (out / "final").exists() and [r["iteration"] for r in _rows(out)] == [0]
 
     proc = _run(argv + ["--resume", "true"])
     _wait_for_step(out, proc, 3)
     proc.send_signal(signal.SIGKILL)  # no handler, no clean-up: as a crash or the OOM killer would
-    proc.communicate(timeout=60)
+    log, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL and not (out / "final").exists()
+    assert "resuming from" in log and "optimizer step 1" in log
 
-    proc = _run(argv + ["--resume", "true"])
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log[-3000:]
-    assert "resuming from" in log
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="spark_trl.runner")
+    result = run_study(*parse_recipe(RECIPES["condition_a"], argv + ["--resume", "true"]), progress=False)
+    assert result["status"] == "complete", caplog.text[-2000:]
+    assert "optimizer step 3" in caplog.text
     _same_artefacts(uninterrupted, out)
 
 
