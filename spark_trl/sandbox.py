@@ -1021,7 +1021,14 @@ def _judge_main() -> None:
         "seccomp": cfg["seccomp"] and report["seccomp"] is None,
         "landlock": cfg["landlock"] and report["landlock"] is None,
     }
-    root = tempfile.mkdtemp(prefix="spark-trl-judge-", dir=cfg["tmp_dir"])
+    root = tempfile.mkdtemp(prefix=f"{_ROOT_PREFIX}{os.getpid()}-", dir=cfg["tmp_dir"])
+
+    def _terminated(signum, frame):  # SIGTERM/SIGHUP: remove our files; runners die with us (PDEATHSIG chain)
+        shutil.rmtree(root, ignore_errors=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGHUP, _terminated)
     try:
         judge = _Judge(cin, cout, eff, root)
         _write_msg(cout, {"ready": True, "probe": report, "layers": eff, "root": root, "pid": os.getpid()})
@@ -1061,7 +1068,28 @@ class _JudgeProcess:
         self.root = info.get("root")
 
 
+_ROOT_PREFIX = "spark-trl-judge-"
 _WARNED: set[str] = set()
+
+
+def _remove_stale_roots(tmp_dir: str) -> None:
+    """Work dirs of judges that were SIGKILLed together with their caller (nobody left to remove them):
+    ``spark-trl-judge-<pid>-*`` of ours whose judge pid is gone."""
+    try:
+        entries = os.listdir(tmp_dir)
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(_ROOT_PREFIX):
+            continue
+        pid = entry[len(_ROOT_PREFIX):].split("-", 1)[0]
+        path = os.path.join(tmp_dir, entry)
+        try:
+            if not pid.isdigit() or os.stat(path).st_uid != os.getuid() or os.path.exists(f"/proc/{pid}"):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
 _LAYER_HELP = {
     "userns": "user namespaces unavailable: pid namespace only as root",
     "pidns": "no pid namespace: the runner's session is killed at the deadline instead",
@@ -1102,6 +1130,7 @@ class Executor:
         self.workers, self.timeout, self.memory_mb = int(workers), float(timeout), int(memory_mb)
         self._cfg = {"namespaces": namespaces, "seccomp": seccomp, "landlock": landlock,
                      "tmp_dir": tmp_dir or _default_tmp_dir()}
+        _remove_stale_roots(self._cfg["tmp_dir"])
         self._judges: list[_JudgeProcess | None] = [None] * self.workers
         self._lock = threading.Lock()
         self._closed = False

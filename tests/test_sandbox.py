@@ -227,3 +227,15 @@ def test_order_kept_and_parallel(ex):
     assert all(o.all_passed for o in ex.run(slow))
     assert time.monotonic() - t0 < 1.15  # both ran at once on the two judges
     assert_clean(ex)
+
+
+def test_stale_work_dirs_of_dead_judges_are_removed(tmp_path):
+    from spark_trl.sandbox import _remove_stale_roots
+
+    dead = tmp_path / "spark-trl-judge-999999999-abc"  # above pid_max: no such process
+    alive = tmp_path / f"spark-trl-judge-{os.getpid()}-abc"
+    other = tmp_path / "unrelated-999999999-abc"
+    for d in (dead, alive, other):
+        (d / "sub").mkdir(parents=True)
+    _remove_stale_roots(str(tmp_path))
+    assert not dead.exists() and alive.exists() and other.exists()
