@@ -754,6 +754,7 @@ class FastRolloutEngine:
         st["slot"].fill_(P - 1)  # commit advances it: the first sampled token goes to slot P
         st["step"].zero_()
         st["finished"].zero_()
+        st["finished"][n:] = True  # bucket padding rows: never hold up the "all finished" stop
         st["out"].fill_(p.pad_token_id)
         st["logps"].zero_()
         self._sample_and_commit(st)
