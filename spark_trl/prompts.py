@@ -72,6 +72,9 @@ def signature_of(code: str, name: str) -> str | None:
 _FENCE = re.compile(r"^[ \t]*(```|~~~)[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
 _PY_TAGS = {"python", "py", "python3", "py3", ""}
 _MAX_TRAILING_LINES = 64
+# A line opening a Python statement: keyword, decorator, comment, assignment or call.
+_PY_START = re.compile(r"^(?:(?:def|class|async|import|from|if|elif|else|for|while|try|except|finally|with|return|"
+                       r"assert|raise|print)\b|[@#]|[A-Za-z_][\w.]*\s*(?:=|\(|\[))")
 _CODE_START = re.compile(r"^(?:def |async def |class |from |import |@)", re.M)
 
 
@@ -105,22 +108,42 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
     return _strip_prose(completion)
 
 
+def _compiles(code: str) -> bool:
+    try:
+        compile(code, "<completion>", "exec")
+    except (SyntaxError, ValueError):  # ValueError: null bytes
+        return False
+    return True
+
+
+def _is_prose(line: str) -> bool:
+    """A line that can only be prose: not indented, not a statement on its own, not opening a Python block."""
+    stripped = line.strip()
+    if not stripped or line[0] in " \t" or _PY_START.match(stripped):
+        return False
+    return not _compiles(stripped)
+
+
 def _strip_prose(text: str) -> str:
-    """Unfenced output: drop prose lines before the first code line and trailing prose after the code."""
+    """Unfenced output: drop the prose before and after the program, nothing else.
+
+    Lines before the first ``def``/``class``/``import`` are kept when they are code (``N = 256``), dropped when
+    they are prose; trailing lines are cut only at a prose line, so a program followed by a broken ``def``
+    still fails to compile, as it should, instead of being silently repaired.
+    """
+    if _compiles(text):
+        return text.strip()
     match = _CODE_START.search(text)
     if match is None:
         return text.strip()
-    lines = text[match.start():].split("\n")
-    # Trailing prose: keep the longest prefix of lines that compiles. Checking with compile() rather than
-    # by indentation avoids cutting a multi-line expression; the search is bounded so that megabytes of
-    # junk cost a bounded number of compiles.
-    for end in range(len(lines), max(0, len(lines) - _MAX_TRAILING_LINES), -1):
-        candidate = "\n".join(lines[:end]).rstrip()
-        try:
-            compile(candidate, "<completion>", "exec")
-        except SyntaxError:
+    head, body = text[:match.start()].splitlines(), text[match.start():].split("\n")
+    while head and not _is_prose(head[-1]):  # code (and blank) lines just above the first def
+        body.insert(0, head.pop())
+    # Bounded search, so that megabytes of junk cost a bounded number of compiles.
+    for end in range(len(body), max(0, len(body) - _MAX_TRAILING_LINES), -1):
+        if end < len(body) and not _is_prose(body[end]):
             continue
-        except ValueError:  # null bytes
-            break
-        return candidate
-    return "\n".join(lines).strip()
+        candidate = "\n".join(body[:end]).rstrip()
+        if _compiles(candidate):
+            return candidate.strip("\n")
+    return "\n".join(body).strip()

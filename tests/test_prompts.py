@@ -50,3 +50,15 @@ def test_prompt_wording():
     msgs = build_messages(mbpp_user_prompt("def f(x):", "Do it."))
     assert msgs[0]["content"] == "You are an expert Python programmer. Return only correct Python code."
     assert msgs[1]["content"].endswith('\n\ndef f(x):\n    """Do it."""\n')
+
+
+def test_extract_keeps_module_level_code_before_first_def():
+    completion = "Here is my solution:\nNO_OF_CHARS = 256\ndef f(s):\n    return NO_OF_CHARS\n\nIt returns 256."
+    assert extract_code(completion, "f") == "NO_OF_CHARS = 256\ndef f(s):\n    return NO_OF_CHARS"
+
+
+def test_extract_does_not_repair_a_trailing_broken_def():
+    completion = "def f(x):\n    return x\n\ndef g(:\n    pass"
+    code = extract_code(completion, "f")
+    with pytest.raises(SyntaxError):
+        compile(code, "<c>", "exec")
