@@ -817,9 +817,12 @@ def recipe_main(recipe: dict[str, Any], argv: Sequence[str] | None = None) -> in
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .data import DataError
+    from .models import ModelLoadError
+
     try:
         result = run_study(study, training_args, model_args)
-    except StudyError as exc:
+    except (StudyError, ModelLoadError, DataError) as exc:  # bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return result["exit_code"]

@@ -110,3 +110,21 @@ def test_accelerate_launch_runs_the_recipe_script():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--max_train_problems" in proc.stdout and "--iterations" in proc.stdout
+
+
+def test_train_command_runs_recipes_by_name(tmp_path, capsys):
+    from spark_trl.cli import main
+
+    assert main(["train", "--recipe", "condition_z"]) == 2
+    assert "unknown recipe 'condition_z'" in capsys.readouterr().err
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.jsonl").write_text("{}\n")
+    # Refused before any model is looked up (the model does not exist).
+    assert main(["train", "--recipe", "condition_c_reg", "--output_dir", str(out),
+                 "--model_name_or_path", str(tmp_path / "no-model")]) == 2
+    assert "already holds a run's results" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == "{}\n"
+    assert main(["train", "--recipe", "condition_a", "--output_dir", str(tmp_path / "new"),
+                 "--mbpp_path", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: no such data file" in capsys.readouterr().err
