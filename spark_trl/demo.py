@@ -50,8 +50,8 @@ DEMO_SIZES: dict[str, Any] = dict(
     logging_steps=1,
     checkpoint_steps=0,
 )
-DEMO_TRAIN_PROBLEMS = 48
-DEMO_HUMANEVAL = len(HUMANEVAL_SUBSET)
+DEMO_TRAIN_PROBLEMS = 32
+DEMO_HUMANEVAL = 12
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "each run so that nothing is overwritten)")
     parser.add_argument("--iterations", type=int, default=None, help="GRPO iterations (demo: 1)")
     parser.add_argument("--train_problems", type=int, default=None,
-                        help=f"training problems (demo: the {DEMO_TRAIN_PROBLEMS} built-in ones)")
+                        help=f"training problems (demo: the first {DEMO_TRAIN_PROBLEMS} of the 48 built-in ones)")
     parser.add_argument("--humaneval", type=int, default=None,
                         help=f"HumanEval problems to evaluate on (demo: a fixed subset of {DEMO_HUMANEVAL}; "
                              "0 leaves HumanEval out)")
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval_samples", type=int, default=None, help="samples per evaluation problem (demo: 5)")
     parser.add_argument("--max_new_tokens", type=int, default=None,
                         help="tokens per rollout and per evaluation sample (demo: 128)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: the cores not already busy, at least 1; on a "
+                             "shared machine one thread is much faster than two fighting for a core)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output_dir")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output_dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -105,8 +108,19 @@ def _device(choice: str) -> str:
     return choice
 
 
+def cpu_threads(requested: int | None = None) -> int:
+    """Threads for torch on CPU: ``requested``, else the cores not already busy (1-minute load average), at
+    least 1. torch's default (every core) is slowest on a shared machine: its threads wait for each other at
+    every operation while the other processes hold the cores."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, cores - int(busy + 0.5)))
+
+
 def _check_positive(args) -> None:
-    for name in ("iterations", "train_problems", "eval_samples", "max_new_tokens"):
+    for name in ("iterations", "train_problems", "eval_samples", "max_new_tokens", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
@@ -155,7 +169,7 @@ def demo_data(args, study) -> tuple[list | None, dict | None]:
     if args.humaneval is not None:
         humaneval = humaneval[: args.humaneval]
     elif not args.full:
-        wanted = set(HUMANEVAL_SUBSET)
+        wanted = set(HUMANEVAL_SUBSET[:DEMO_HUMANEVAL])
         humaneval = [p for p in humaneval if p.task_id in wanted]
     if args.mbpp is not None:
         from .evaluation import load_eval_benchmarks
@@ -166,11 +180,11 @@ def demo_data(args, study) -> tuple[list | None, dict | None]:
         eval_sets = ({name: humaneval} if humaneval else {}) | held
         return None, eval_sets
     train = load_builtin("train")
-    if args.train_problems is not None:
-        if args.train_problems > len(train):
-            raise ValueError(f"--train_problems {args.train_problems}: there are {len(train)} built-in problems "
-                             "(use --mbpp for the study's pool)")
-        train = train[: args.train_problems]
+    if args.train_problems is not None and args.train_problems > len(train):
+        raise ValueError(f"--train_problems {args.train_problems}: there are {len(train)} built-in problems "
+                         "(use --mbpp for the study's pool)")
+    n_train = args.train_problems or (len(train) if args.full else DEMO_TRAIN_PROBLEMS)
+    train = train[:n_train]
     heldout = load_builtin("heldout")
     heldout = heldout[: args.heldout] if args.heldout is not None else heldout
     # "humaneval" only for the whole benchmark, so that a subset's score is never read as a HumanEval score.
@@ -215,9 +229,15 @@ def demo_main(argv: list[str] | None = None) -> int:
         print(f"spark-trl demo: error: {exc}", file=sys.stderr)
         return 2
 
+    threads = ""
+    if device == "cpu":
+        import torch
+
+        torch.set_num_threads(cpu_threads(args.threads))
+        threads = f", {torch.get_num_threads()} thread(s)"
     n_train = len(train_problems) if train_problems is not None else study.max_train_problems
     sets = ", ".join(f"{name} ({len(problems)})" for name, problems in eval_sets.items())
-    print(f"spark-trl demo: {args.recipe} on {model_args.model_name_or_path} ({device})\n"
+    print(f"spark-trl demo: {args.recipe} on {model_args.model_name_or_path} ({device}{threads})\n"
           f"  train: {n_train} problems x {study.iterations} iteration(s), groups of {training_args.min_generations}"
           f" up to {training_args.max_generations}, {training_args.max_completion_length} new tokens, "
           f"lr {training_args.learning_rate:g}, KL coefficient {training_args.beta:g}\n"
