@@ -729,7 +729,8 @@ class StudyRunner:
                 tmp.mkdir()
                 for f in src.iterdir():  # the adapter and tokenizer files, not the optimizer & co.
                     if f.is_file() and not f.name.startswith(("optimizer", "scheduler", "rng_state", "scaler",
-                                                               "trainer_state", "training_args", STUDY_STATE)):
+                                                               "trainer_state", "training_args", "spark_epoch",
+                                                               STUDY_STATE)):
                         shutil.copy2(f, tmp / f.name)
                 (tmp / "README.md").write_text(model_card(rows, benchmarks, settings, best, "Best"))
                 shutil.rmtree(dst, ignore_errors=True)
