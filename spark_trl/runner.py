@@ -341,9 +341,9 @@ def _find_repeat_sampler(obj, depth: int = 0):
 
 
 class StudyCallback(TrainerCallback):
-    """Turns a GRPO trainer's epochs into the study's iterations: baseline evaluation at train begin, per-step
-    statistics from the logs, evaluation + ``checkpoints/iter{N}`` at each epoch end, the rolling
-    ``checkpoints/last``, and a clean stop on SIGINT/SIGTERM."""
+    """Turns a GRPO trainer's epochs into the study's iterations: baseline evaluation at train begin, evaluation +
+    ``checkpoints/iter{N}`` at each epoch end (after the trainer's own epoch-end work: recycling, statistics),
+    the rolling ``checkpoints/last``, and a clean stop on SIGINT/SIGTERM."""
 
     def __init__(self, runner: "StudyRunner"):
         self.runner = runner
@@ -351,7 +351,7 @@ class StudyCallback(TrainerCallback):
         self._last_saved_step = -1
         self._restore_epoch = False
 
-    # Per-iteration accumulators and rows live in runner.state so that checkpoints carry them.
+    # The rows live in runner.state so that checkpoints carry them.
     @property
     def state(self) -> dict:
         return self.runner.state
