@@ -367,8 +367,8 @@ def _runner_serve(sock: socket.socket, setup: str, code: str) -> None:
 
     ns: dict = {"__name__": "__main__", "__builtins__": builtins}
     try:
-        exec(compile(setup, "<setup>", "exec"), ns)
-        exec(compile(code, "<program>", "exec"), ns)
+        exec(compile(setup, "<setup>", "exec", dont_inherit=True), ns)
+        exec(compile(code, "<program>", "exec", dont_inherit=True), ns)
         # One-way: the judge has already queued its first request behind this (no round trip spent on it).
         _send_frame(sock, encode(("ready",), lambda o: 0))
     except BaseException as exc:  # noqa: BLE001 - the program's failure is the answer
@@ -822,7 +822,7 @@ class _Judge:
         code = job["code"]
         results: list = []
         try:
-            program = compile(code, "<program>", "exec")
+            program = compile(code, "<program>", "exec", dont_inherit=True)
         except BaseException as exc:  # SyntaxError, ValueError (null bytes), UnicodeError, RecursionError...
             tail = _tail("".join(traceback.format_exception_only(type(exc), exc)))
             results = [("syntax_error", 0.0, type(exc).__name__, tail)] * len(tests)
@@ -877,7 +877,7 @@ class _Judge:
         if code is None:
             if len(self.cache) > 4096:
                 self.cache.clear()
-            code = self.cache[key] = compile(source, name, "exec")
+            code = self.cache[key] = compile(source, name, "exec", dont_inherit=True)
         return code
 
     def finish(self) -> None:
@@ -1323,7 +1323,7 @@ def _default_tmp_dir() -> str:
 
 def _check_compiles(source: str, where: str) -> None:
     try:
-        compile(source, "<test>", "exec")
+        compile(source, "<test>", "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as exc:
         raise ValueError(f"{where} does not compile (a dataset error, not the program's): {exc}") from None
 

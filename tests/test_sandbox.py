@@ -122,6 +122,13 @@ def test_classes_from_what_happened(ex):
     assert out[6].tests[0].error_type == "NameError"
 
 
+def test_program_compiles_as_plain_python_would(ex):
+    """The harness's own `from __future__ import annotations` must not leak into the program: an annotation
+    naming an unimported type is a NameError at definition time in plain Python."""
+    (out,) = ex.run([Job("def f(a: List[int]):\n    return a", ["assert f([1]) == [1]"])])
+    assert out.status is Status.RUNTIME_ERROR and out.tests[0].error_type == "NameError"
+
+
 def test_slow_test_fails_alone_and_loops_are_killed(ex):
     code = "def f(x):\n    while x == 2:\n        pass\n    return x"
     t0 = time.monotonic()
