@@ -272,7 +272,7 @@ def build_jobs(problems: Sequence[Problem], completions: Sequence[Sequence[str]]
             code = extract_code(completion, problem.entry_point)
             codes.append(code)
             jobs.append(Job(code=code, tests=list(problem.tests), setup=problem.test_setup, timeout=timeout,
-                            task_id=problem.task_id))
+                            task_id=problem.task_id, entry_point=problem.entry_point))
     return jobs, codes
 
 
