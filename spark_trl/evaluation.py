@@ -120,6 +120,9 @@ class EvalConfig:
     ks: tuple[int, ...] = field(default=(1, 5), metadata={"help": "The k of pass@k (those <= n_samples)."})
     seed: int = field(default=42, metadata={"help": "Seed of the evaluation's own, isolated random state."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (model path only)."})
+    rollout_engine: str = field(default="hf", metadata={
+        "help": "'hf' (transformers generate) or 'spark' (spark_trl.rollout.FastRolloutEngine: a dense copy of "
+                "the weights, static KV cache, CUDA graphs; falls back to generate for settings it lacks)."})
     system_prompt: str | None = field(default=SYSTEM_PROMPT, metadata={"help": "System message."})
     timeout: float = field(default=10.0, metadata={"help": "Seconds per test in the sandbox."})
     workers: int | None = field(default=None, metadata={"help": "Sandbox worker processes (default: CPUs)."})
@@ -133,6 +136,8 @@ class EvalConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         self.ks = tuple(int(k) for k in self.ks)
+        if self.rollout_engine not in ("hf", "spark"):
+            raise ValueError(f"rollout_engine must be 'hf' or 'spark', got {self.rollout_engine!r}")
 
 
 @dataclass
@@ -160,6 +165,33 @@ def chat_prompts(tokenizer, problems: Sequence[Problem], system_prompt: str | No
     """Each problem's chat, rendered by the tokenizer's template with the assistant turn opened."""
     return [tokenizer.apply_chat_template(build_messages(p.prompt, system_prompt), tokenize=False,
                                           add_generation_prompt=True) for p in problems]
+
+
+def generate_fast(model, tokenizer, prompts: Sequence[str], config: EvalConfig) -> list[list[str]]:
+    """Like :func:`generate`, through the fast rollout engine (issue 8's sampler, see docs/benchmarks.md).
+
+    The sampling settings are the evaluation's plus whatever the model's ``generation_config`` adds (top_k,
+    repetition_penalty), exactly what ``generate`` would apply, so both paths sample the same distribution.
+    """
+    from types import SimpleNamespace
+
+    from .rollout import FastRolloutEngine
+
+    gc = getattr(model, "generation_config", None)
+    args = SimpleNamespace(temperature=config.temperature, top_p=config.top_p, max_completion_length=config.max_new_tokens,
+                           top_k=getattr(gc, "top_k", None) or 0, min_p=getattr(gc, "min_p", None),
+                           repetition_penalty=getattr(gc, "repetition_penalty", None) or 1.0, generation_kwargs={})
+    if config.temperature <= 0:
+        raise ValueError("rollout_engine='spark' samples; use rollout_engine='hf' for greedy decoding")
+    engine = FastRolloutEngine(model, tokenizer, args, max_batch_size=config.batch_size)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rows = [i for i in range(len(prompts)) for _ in range(config.n_samples)]
+    out = engine.generate([ids[i] for i in rows])
+    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+    completions: list[list[str]] = [[] for _ in prompts]
+    for i, text in zip(rows, texts):
+        completions[i].append(text)
+    return completions
 
 
 def generate(model, tokenizer, prompts: Sequence[str], config: EvalConfig,
@@ -359,6 +391,8 @@ def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: Eva
         with isolated_rng(config.seed + rank):
             if config.use_vllm:
                 completions = generate_vllm(model_name_or_path or model.name_or_path, prompts, config, adapter)
+            elif config.rollout_engine == "spark":
+                completions = generate_fast(model, tokenizer, prompts, config)
             else:
                 completions = generate(model, tokenizer, prompts, config, on_batch=on_batch)
         records = score_completions(mine, completions, executor or _executor(config), name, config.timeout,
@@ -450,6 +484,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         kind = {"n_samples": int, "max_new_tokens": int, "batch_size": int, "seed": int, "workers": int}.get(name, float)
         parser.add_argument(f"--{name}", type=kind, default=getattr(defaults, name), help=f.metadata["help"])
     parser.add_argument("--use_vllm", action="store_true", help="generate with vLLM (must be installed)")
+    parser.add_argument("--rollout_engine", choices=("hf", "spark"), default="hf",
+                        help=EvalConfig.__dataclass_fields__["rollout_engine"].metadata["help"])
     parser.add_argument("--output_dir", default="eval_results", help="where summary.json and the samples go")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
@@ -459,6 +495,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     config = EvalConfig(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                         timeout=args.timeout, workers=args.workers, use_vllm=args.use_vllm,
+                        rollout_engine=args.rollout_engine,
                         progress=not args.no_progress)
     try:
         base, adapter = resolve_model(args.model_name_or_path, args.adapter)
