@@ -50,8 +50,9 @@ DEMO_SIZES: dict[str, Any] = dict(
     logging_steps=1,
     checkpoint_steps=0,
 )
-DEMO_TRAIN_PROBLEMS = 32
-DEMO_HUMANEVAL = 12
+DEMO_TRAIN_PROBLEMS = 16
+DEMO_HUMANEVAL = 8
+DEMO_HELDOUT = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--humaneval", type=int, default=None,
                         help=f"HumanEval problems to evaluate on (demo: a fixed subset of {DEMO_HUMANEVAL}; "
                              "0 leaves HumanEval out)")
-    parser.add_argument("--heldout", type=int, default=None, help="held-out problems to evaluate on (demo: all)")
+    parser.add_argument("--heldout", type=int, default=None,
+                        help=f"held-out problems to evaluate on (demo: {DEMO_HELDOUT} of the 12 built-in ones)")
     parser.add_argument("--eval_samples", type=int, default=None, help="samples per evaluation problem (demo: 5)")
     parser.add_argument("--max_new_tokens", type=int, default=None,
                         help="tokens per rollout and per evaluation sample (demo: 128)")
@@ -186,7 +188,8 @@ def demo_data(args, study) -> tuple[list | None, dict | None]:
     n_train = args.train_problems or (len(train) if args.full else DEMO_TRAIN_PROBLEMS)
     train = train[:n_train]
     heldout = load_builtin("heldout")
-    heldout = heldout[: args.heldout] if args.heldout is not None else heldout
+    n_held = args.heldout if args.heldout is not None else (len(heldout) if args.full else DEMO_HELDOUT)
+    heldout = heldout[:n_held]
     # "humaneval" only for the whole benchmark, so that a subset's score is never read as a HumanEval score.
     name = "humaneval" if len(humaneval) == len(everything) else "humaneval-subset"
     eval_sets = {name: humaneval} if humaneval else {}
