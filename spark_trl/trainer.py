@@ -812,7 +812,10 @@ class SparkGRPOTrainer(GRPOTrainer):
             self._metrics["train"]["aux/loss"].append(total / count)
         if not batch:
             return 0.0
-        return self.args.aux_loss_scale * aux / self.current_gradient_accumulation_steps
+        # DDP averages gradients over all ranks; rescale so that the result is the mean over the ranks that had
+        # a batch (a rank without one would otherwise halve the weight of the others' examples).
+        rescale = self.accelerator.num_processes / count
+        return self.args.aux_loss_scale * rescale * aux / self.current_gradient_accumulation_steps
 
     def _run_aux_phase(self):
         """One auxiliary epoch over this epoch's rollouts (the study's Condition C), with the trainer's optimizer.
@@ -840,6 +843,11 @@ class SparkGRPOTrainer(GRPOTrainer):
                 batch, weight = batches[step], 1.0
             else:
                 batch, weight = [examples[0] if examples else objective.dummy_example()], 0.0
+            # DDP averages gradients over all ranks: make the step the mean over the ranks with a real batch,
+            # not a mean diluted by the weight-0 padding batches of ranks that ran out of examples.
+            if self.accelerator.num_processes > 1:
+                (real,) = self._reduce_sum([weight])
+                weight *= self.accelerator.num_processes / max(real, 1.0)
             with self.accelerator.autocast():
                 aux = objective.loss(model, batch)
             self.accelerator.backward(aux * scale * weight)
