@@ -27,7 +27,7 @@ HUMANEVAL_ENV = "SPARK_TRL_HUMANEVAL"
 MBPP_SPLIT_ORDER = ("train", "test", "validation", "prompt")
 MBPP_SPLIT_RANGES = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 _FIRST_TEST = re.compile(r"^\s*assert\s+(\w+)\s*\(")
-# Columns of ``to_grpo_dataset`` that the execution reward reads.
+# Columns of ``to_grpo_dataset`` that the execution reward reads (``tests`` required, the others when present).
 REWARD_COLUMNS = ("tests", "test_setup", "entry_point")
 
 

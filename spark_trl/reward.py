@@ -72,6 +72,9 @@ class ExecutionReward:
     """
 
     __name__ = "execution_reward"
+    # Dataset columns it cannot do without (SparkGRPOTrainer checks them at construction); `test_setup` and
+    # `entry_point` are read when present.
+    required_columns = ("tests",)
 
     def __init__(self, syntax_penalty: float = -0.2, runtime_penalty: float = -0.1, timeout_penalty: float = -0.3,
                  wrong_answer_floor: float = 0.0, timeout: float = 10.0, workers: int | None = None,

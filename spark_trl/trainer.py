@@ -927,17 +927,8 @@ def group_advantages(rewards: torch.Tensor, group_of: torch.Tensor, std: str = "
 
 
 def _required_columns(reward_func) -> tuple[str, ...]:
-    """Dataset columns a reward function reads: its `required_columns` attribute, or, for spark-trl's
-    ExecutionReward, the columns of `spark_trl.data.to_grpo_dataset` that it executes against."""
-    declared = getattr(reward_func, "required_columns", None)
-    if declared is not None:
-        return tuple(declared)
-    try:
-        from .data import REWARD_COLUMNS
-        from .reward import ExecutionReward
-    except ImportError:
-        return ()
-    return tuple(REWARD_COLUMNS) if isinstance(reward_func, ExecutionReward) else ()
+    """Dataset columns a reward function declares it reads (`required_columns`, as ExecutionReward does)."""
+    return tuple(getattr(reward_func, "required_columns", None) or ())
 
 
 def _group_std(r: torch.Tensor, kind: str) -> float:

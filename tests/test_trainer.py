@@ -182,7 +182,7 @@ def test_bad_input_is_rejected_before_the_model_loads(tmp_path):
         SparkGRPOTrainer(model="/nonexistent/model", reward_funcs=reward, args=args, train_dataset=ds)
     from spark_trl.reward import ExecutionReward
 
-    with pytest.raises(ValueError, match=r"ExecutionReward|execution_reward"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['tests'\] that execution_reward needs"):
         SparkGRPOTrainer(model="/nonexistent/model", reward_funcs=ExecutionReward(), args=args, train_dataset=ds)
     reward.required_columns = ()
     with pytest.raises(ValueError, match="aux_loss_scale=0.1 but no auxiliary objective"):
