@@ -20,6 +20,19 @@ REF_ADAPTERS = ("disable", "copy")
 SPARK_LOSS_TYPES = ("spark",)
 
 
+def check_group_sizes(args) -> None:
+    """Adaptive group sizes that can work: at least 2 completions (a z-score needs them), max >= min, a
+    positive increment. Called by the config and again by the trainer (a config is a mutable dataclass)."""
+    if args.min_generations < 2:
+        raise ValueError(f"min_generations must be at least 2 to compute advantages, got {args.min_generations}")
+    if args.max_generations < args.min_generations:
+        raise ValueError(
+            f"max_generations ({args.max_generations}) must be >= min_generations ({args.min_generations})"
+        )
+    if args.generation_increment < 1:
+        raise ValueError(f"generation_increment must be at least 1, got {args.generation_increment}")
+
+
 @dataclass
 class SparkGRPOConfig(GRPOConfig):
     r"""
@@ -149,14 +162,7 @@ class SparkGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         # Checked before GRPOConfig.__post_init__, whose batch-size arithmetic uses num_generations.
-        if self.min_generations < 2:
-            raise ValueError(f"min_generations must be at least 2 to compute advantages, got {self.min_generations}")
-        if self.max_generations < self.min_generations:
-            raise ValueError(
-                f"max_generations ({self.max_generations}) must be >= min_generations ({self.min_generations})"
-            )
-        if self.generation_increment < 1:
-            raise ValueError(f"generation_increment must be at least 1, got {self.generation_increment}")
+        check_group_sizes(self)
         if self.num_generations is None:
             self.num_generations = self.min_generations
         elif self.num_generations != self.min_generations:

@@ -38,7 +38,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import grpo_trainer as _trl_grpo
 from trl.trainer.utils import pad, split_tensor_dict, use_adapter
 
-from .configs import SparkGRPOConfig
+from .configs import SparkGRPOConfig, check_group_sizes
 from .outcome import ExecutionOutcome
 from .recycling import AuxiliaryObjective, RecyclingObjective, Rollout
 
@@ -229,14 +229,7 @@ class SparkGRPOTrainer(GRPOTrainer):
     @staticmethod
     def _validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory):
         # Re-check the group sizes: a config is a mutable dataclass.
-        if args.min_generations < 2:
-            raise ValueError(f"min_generations must be at least 2, got {args.min_generations}")
-        if args.max_generations < args.min_generations:
-            raise ValueError(
-                f"max_generations ({args.max_generations}) must be >= min_generations ({args.min_generations})"
-            )
-        if args.generation_increment < 1:
-            raise ValueError(f"generation_increment must be at least 1, got {args.generation_increment}")
+        check_group_sizes(args)
         if args.num_generations != args.min_generations:
             raise ValueError(
                 f"num_generations ({args.num_generations}) must equal min_generations ({args.min_generations})"

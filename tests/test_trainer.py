@@ -254,3 +254,15 @@ def test_prefetch_top_ups_come_from_one_generation_round(tiny_model_path, tmp_pa
     log = trainer.state.log_history[0]
     assert log["spark/completions"] == 18 and log["spark/tokens_saved_vs_max_generations"] == 0
     assert log["spark/generated_tokens"] >= log["spark/completion_tokens"]
+
+
+@pytest.mark.parametrize("sizes, message", [
+    (dict(min_generations=1), "min_generations must be at least 2"),
+    (dict(min_generations=4, max_generations=3), r"max_generations \(3\) must be >= min_generations \(4\)"),
+    (dict(generation_increment=0), "generation_increment must be at least 1"),
+])
+def test_impossible_group_sizes_fail_at_config_time(tmp_path, sizes, message):
+    from spark_trl import SparkGRPOConfig
+
+    with pytest.raises(ValueError, match=message):
+        SparkGRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **sizes)
