@@ -92,7 +92,8 @@ class StudyArguments:
     checkpoint_steps: int = field(default=1, metadata={
         "help": "Write the rolling checkpoint checkpoints/last every N optimizer steps (0: only per iteration)."})
     oom_retries: int = field(default=2, metadata={
-        "help": "Retries of a training step after an out-of-memory error before the emergency checkpoint."})
+        "help": "Retries of a training step after an out-of-memory error before the emergency checkpoint "
+                "(one process only: with several, an OOM goes straight to the emergency checkpoint)."})
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its last checkpoint."})
     overwrite: bool = field(default=False, metadata={
         "help": "Start afresh in an output_dir holding another run's results (they are deleted)."})
@@ -516,6 +517,13 @@ class StudyRunner:
         generates) so that an out-of-memory error frees memory and retries the micro-batch from the gradients
         it started from; after ``oom_retries`` failed retries, ``StudyOOMError``."""
         trainer, retries = self.trainer, self.study.oom_retries
+        if trainer.accelerator.num_processes > 1 and retries:
+            # A retry on the rank that ran out of memory would repeat collectives (gradient all-reduce, metric
+            # reductions) that the other ranks have already passed: desynchronised, or a hang. With several
+            # processes an OOM goes straight to the emergency checkpoint and the resume command.
+            logger.warning("oom_retries=%d ignored with %d processes: an OOM writes an emergency checkpoint",
+                           retries, trainer.accelerator.num_processes)
+            retries = 0
         original = trainer.training_step
 
         def training_step(model, inputs, num_items_in_batch=None):
