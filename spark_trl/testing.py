@@ -76,3 +76,24 @@ def build_tiny_model(path: str | os.PathLike, hidden_size: int = 64, num_layers:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class PromptKeyedReward:
+    """A deterministic reward keyed on a ``task_id`` column, for tests of adaptive groups: tasks named 'flat*'
+    never vary (0), 'vary*' vary within any call (``i % 2``, i = position in the call), 'late*' are flat the
+    first time this reward sees them and vary afterwards. Records the task ids of every call in ``calls``."""
+
+    __name__ = "prompt_keyed"
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+        self.seen: set[str] = set()
+
+    def __call__(self, prompts, completions, task_id, **kwargs):
+        self.calls.append(list(task_id))
+        rewards = []
+        for i, t in enumerate(task_id):
+            flat = t.startswith("flat") or (t.startswith("late") and t not in self.seen)
+            rewards.append(0.0 if flat else float(i % 2))
+        self.seen.update(task_id)
+        return rewards

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from spark_trl.testing import PromptKeyedReward
 
 # In dataset order, with shuffle_dataset=False and 2 groups per rank per step, TRL's sampler hands
 # step 1: rank 0 [flat1, flat2], rank 1 [vary1, late1]; step 2: rank 0 [vary2, late2], rank 1 [flat3, vary3].
@@ -29,26 +30,6 @@ import torch
 # 'late' is flat in its first reward call and varies afterwards (topped up once, to 6). So in step 1 rank 0
 # needs two top-up rounds for both groups and has nothing in the loss, while rank 1 needs one round for one group.
 TASKS = ["flat1", "flat2", "vary1", "late1", "vary2", "late2", "flat3", "vary3"]
-
-
-class PromptKeyedReward:
-    """Deterministic reward keyed on the task id: 'flat' -> 0; 'vary' -> i % 2 (i = position in the call);
-    'late' -> 0 the first time this process sees the task, i % 2 afterwards. Records every call's task ids."""
-
-    __name__ = "prompt_keyed"
-
-    def __init__(self):
-        self.calls: list[list[str]] = []
-        self.seen: set[str] = set()
-
-    def __call__(self, prompts, completions, task_id, **kwargs):
-        self.calls.append(list(task_id))
-        rewards = []
-        for i, t in enumerate(task_id):
-            flat = t.startswith("flat") or (t.startswith("late") and t not in self.seen)
-            rewards.append(0.0 if flat else float(i % 2))
-        self.seen.update(task_id)
-        return rewards
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 
 from spark_trl import SparkGRPOConfig, SparkGRPOTrainer
+from spark_trl.testing import PromptKeyedReward
 
 
 def _dataset(names):
@@ -21,28 +22,6 @@ def _args(tmp_path, **kw):
                 max_completion_length=6, logging_steps=1, disable_tqdm=True, seed=0, shuffle_dataset=False)
     base.update(kw)
     return SparkGRPOConfig(**base)
-
-
-class PromptKeyedReward:
-    """Deterministic reward keyed on the task: 'flat' never varies, 'vary' varies from the first 4 samples,
-    'late' is flat in its first call and varies afterwards. Records the task ids of every call."""
-
-    __name__ = "prompt_keyed"
-
-    def __init__(self):
-        self.calls: list[list[str]] = []
-        self.seen: set[str] = set()
-
-    def __call__(self, prompts, completions, task_id, **kwargs):
-        self.calls.append(list(task_id))
-        rewards = []
-        for i, t in enumerate(task_id):
-            if t.startswith("flat") or (t.startswith("late") and t not in self.seen):
-                rewards.append(0.0)
-            else:
-                rewards.append(float(i % 2))
-        self.seen.update(task_id)
-        return rewards
 
 
 def test_top_up_exactly_for_groups_without_variance_ref_once_and_ratio_one(tiny_model_path, tmp_path):
