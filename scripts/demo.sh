@@ -5,12 +5,7 @@
 # `spark-trl demo`. Extra arguments go to `spark-trl demo`, e.g. `bash scripts/demo.sh --iterations 2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-VENV=${SPARK_TRL_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-fi
+. scripts/_venv.sh
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip install -q -e ".[demo]"  # keeps (or brings) a CUDA build of torch
 else

@@ -4,12 +4,7 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k reward`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-VENV=${SPARK_TRL_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-fi
+. scripts/_venv.sh
 "$VENV/bin/python" -m pip install -q -e ".[dev]" -c constraints-cpu.txt
 export SPARK_TRL_MBPP=${SPARK_TRL_MBPP:-$(cd .. && pwd)/shared/data/sanitized-mbpp.json}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
