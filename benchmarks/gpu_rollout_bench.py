@@ -198,13 +198,13 @@ def main(argv=None):
     p.add_argument("--variants", default="separate:prefilter,separate:bisect,separate:sort,merge:bisect",
                    help="engine variants lora_mode:top_p_method, comma-separated")
     p.add_argument("--out", default=None)
-    opts = p.parse_args(argv)
-    if opts.mode == "calibrate":
-        calibrate(opts)
-    else:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "eval"):  # trainer steps and evaluation live in gpu_train_bench
         from gpu_train_bench import main as train_main
 
-        train_main(opts)
+        train_main(argv)
+        return 0
+    calibrate(p.parse_args(argv))
     return 0
 
 

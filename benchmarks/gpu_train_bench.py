@@ -376,41 +376,8 @@ def multi(opts):
         write_json(out, opts.out)
 
 
-def main(opts=None):
-    if opts is None or not hasattr(opts, "mode"):
-        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("mode", choices=["train", "eval", "multi"])
-        p.add_argument("--shape", choices=["3b", "tiny"], default="3b")
-        p.add_argument("--model_dir", default="/tmp/qwen25-3b-shaped")
-        p.add_argument("--tokenizer", default=".device/tok")
-        p.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP"))
-        p.add_argument("--max_new_tokens", type=int, default=512)
-        p.add_argument("--out", default=None)
-        opts = p.parse_args(opts)
-    for k, v in dict(n_prompts=64, spark_steps=4, trl_steps=1, no_sandbox=False, humaneval=None,
-                     eval_engine_seqs=256, eval_batch=64, eval_plain_tokens=24).items():
-        if not hasattr(opts, k):
-            setattr(opts, k, v)
-    if opts.mode == "train":
-        train(opts)
-    elif opts.mode == "eval":
-        evaluate(opts)
-    else:
-        multi(opts)
-
-
-if __name__ == "__main__":
-    argv = sys.argv[1:]
-    extra = {}
-    for key, typ in (("--spark_steps", int), ("--trl_steps", int), ("--n_prompts", int), ("--eval_engine_seqs", int),
-                     ("--eval_batch", int), ("--eval_plain_tokens", int), ("--humaneval", str)):
-        if key in argv:
-            i = argv.index(key)
-            extra[key[2:]] = typ(argv[i + 1])
-            del argv[i:i + 2]
-    no_sandbox = "--no_sandbox" in argv
-    argv = [a for a in argv if a != "--no_sandbox"]
-    p = argparse.ArgumentParser()
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["train", "eval", "multi"])
     p.add_argument("--shape", choices=["3b", "tiny"], default="3b")
     p.add_argument("--model_dir", default="/tmp/qwen25-3b-shaped")
@@ -418,8 +385,23 @@ if __name__ == "__main__":
     p.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP"))
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--out", default=None)
-    ns = p.parse_args(argv)
-    for k, v in extra.items():
-        setattr(ns, k, v)
-    ns.no_sandbox = no_sandbox
-    main(ns)
+    p.add_argument("--n_prompts", type=int, default=64)
+    p.add_argument("--spark_steps", type=int, default=4)
+    p.add_argument("--trl_steps", type=int, default=1)
+    p.add_argument("--no_sandbox", action="store_true")
+    p.add_argument("--humaneval", default=None)
+    p.add_argument("--eval_engine_seqs", type=int, default=256)
+    p.add_argument("--eval_batch", type=int, default=64)
+    p.add_argument("--eval_plain_tokens", type=int, default=24)
+    return p.parse_args(argv)
+
+
+def main(opts=None):
+    """``opts``: an argv list, a parsed namespace, or None (the command line)."""
+    if not isinstance(opts, argparse.Namespace):
+        opts = parse_args(opts)
+    {"train": train, "eval": evaluate, "multi": multi}[opts.mode](opts)
+
+
+if __name__ == "__main__":
+    main()
