@@ -101,10 +101,23 @@ def engine_rate(model, tokenizer, prompts, args, repeats=2, **engine_kwargs):
            "ms_per_step": round(1000 * dt / max(steps, 1), 2), "completion_tokens": n_tok,
            "tokens_per_s": round(n_tok / dt, 1), "full_path_steps": engine.stats["full_path_steps"] - full0,
            "capture_s": round(engine.stats.get("capture_s", 0.0), 2),
-           "eos_stopped": sum(1 for c in comps if c and c[-1] in engine.params.eos_token_ids)}
+           "eos_stopped": sum(1 for c in comps if c and c[-1] in engine.params.eos_token_ids),
+           "compiled": engine.decoder is not None and engine.decoder.compiled is not None,
+           "compile_error": engine.compile_error}
     if torch.cuda.is_available():
         res.update(memory_snapshot())
     return engine, comps, res
+
+
+def parse_variant(text):
+    """``lora_mode:top_p_method[:compiled|:eager]`` -> FastRolloutEngine keyword arguments."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("compiled", "eager")):
+        raise SystemExit(f"bad variant {text!r}: expected lora_mode:top_p_method[:compiled|:eager]")
+    v = dict(lora_mode=parts[0], top_p_method=parts[1])
+    if len(parts) == 3:
+        v["compile_decode"] = parts[2] == "compiled"
+    return v
 
 
 def calibrate(opts):
@@ -133,7 +146,7 @@ def calibrate(opts):
     report["plain_train_sampling"] = base
     print("plain generate:", base, flush=True)
     rows = []
-    variants = [dict(lora_mode=v.split(":")[0], top_p_method=v.split(":")[1]) for v in opts.variants.split(",")]
+    variants = [parse_variant(v) for v in opts.variants.split(",")]
     best = None
     for v in variants:
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
@@ -177,11 +190,15 @@ def calibrate(opts):
     print("\n| variant | sampling | batch | tok/s | ms/step | x plain | full-path steps | mismatch | peak alloc GiB |")
     for r in rows:
         plain = report["plain_eval_sampling" if r.get("sampling", "").startswith("eval") else "plain_train_sampling"]
-        print(f"| {r.get('lora_mode')}/{r.get('top_p_method')} | {r.get('sampling')} | {r.get('batch')} | "
-              f"{r.get('tokens_per_s')} | {r.get('ms_per_step')} | "
+        print(f"| {r.get('lora_mode')}/{r.get('top_p_method')}/{compiled_label(r)} | {r.get('sampling')} | "
+              f"{r.get('batch')} | {r.get('tokens_per_s')} | {r.get('ms_per_step')} | "
               f"{round(r.get('tokens_per_s', 0) / plain['tokens_per_s'], 1)} | {r.get('full_path_steps')} | "
               f"{(r.get('mismatch') or {}).get('mean_abs')} | {r.get('peak_allocated_gib')} | {r.get('error', '')}")
     return report
+
+
+def compiled_label(row):
+    return "compiled" if row.get("compiled") else "eager"
 
 
 def main(argv=None):
@@ -195,8 +212,9 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--plain_steps", type=int, default=48)
     p.add_argument("--lora_init_std", type=float, default=1e-3)
-    p.add_argument("--variants", default="separate:prefilter,separate:bisect,separate:sort,merge:bisect",
-                   help="engine variants lora_mode:top_p_method, comma-separated")
+    p.add_argument("--variants", default="separate:prefilter:eager,separate:prefilter:compiled,merge:sort:compiled",
+                   help="engine variants lora_mode:top_p_method[:compiled|:eager] (compile_decode; default: the "
+                   "engine's own choice), comma-separated")
     p.add_argument("--out", default=None)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("train", "eval"):  # trainer steps and evaluation live in gpu_train_bench

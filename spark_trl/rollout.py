@@ -379,14 +379,45 @@ class _FusedLinear:
                     col += r
                 row += n
 
+    def tensors(self):
+        """What :func:`_linear` needs, as plain arguments (so that a compiled caller guards on tensors only)."""
+        return self.weight, self.bias, self.lora_b, self.n_out
+
     def __call__(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        if self.lora_b is None:
-            return y
-        shape = x.shape[:-1]
-        y = y.reshape(-1, y.shape[-1])
-        out = torch.addmm(y[:, :self.n_out], y[:, self.n_out:], self.lora_b)
-        return out.reshape(*shape, self.n_out)
+        return _linear(x, *self.tensors())
+
+
+def _linear(x, weight, bias, lora_b, n_out: int):
+    """x W^T + b, plus (x A^T) B^T when the A factors ride as extra rows of ``weight`` (see _FusedLinear)."""
+    y = F.linear(x, weight, bias)
+    if lora_b is None:
+        return y
+    y2 = y.reshape(-1, y.shape[-1])
+    return torch.addmm(y2[:, :n_out], y2[:, n_out:], lora_b).reshape(*x.shape[:-1], n_out)
+
+
+# A layer is cut in three around the KV-cache write and the attention: the two outer parts are pure functions of
+# their inputs (no state, no mutation), which is what torch.compile fuses best (norm, rope, SiLU*up and residual
+# adds become a handful of kernels instead of ~30). The cache write and SDPA stay eager in between.
+def _layer_in(h, ln_w, qkv, cos, sin, eps: float, H: int, KV: int, D: int):
+    """RMSNorm -> fused q/k/v projection (+ LoRA) -> rotary embedding. Returns q [B,H,T,D], k, v [B,KV,T,D]."""
+    B, T = h.shape[0], h.shape[1]
+    x = _rms_norm(h, ln_w, eps)
+    q, k, v = _linear(x, *qkv).split([H * D, KV * D, KV * D], dim=-1)
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, KV, D).transpose(1, 2)
+    v = v.view(B, T, KV, D).transpose(1, 2)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return q, k, v
+
+
+def _layer_out(h, attn, ln_w, o, gate_up, down, eps: float):
+    """Output projection + residual -> RMSNorm -> SwiGLU MLP + residual."""
+    h = h + _linear(attn, *o)
+    x = _rms_norm(h, ln_w, eps)
+    g, u = _linear(x, *gate_up).chunk(2, dim=-1)
+    return h + _linear(F.silu(g) * u, *down)
 
 
 class _DenseDecoder:
@@ -436,6 +467,17 @@ class _DenseDecoder:
         self.tied = self.lm_head_module.weight is self.embed_module.weight or (
             self.lm_head_module.weight.data_ptr() == self.embed_module.weight.data_ptr())
         self.small = {}  # norms, embeddings: shared with the model when dtype/device match, else copied
+        self.compiled = None  # (layer_in, layer_out) compiled for decoding steps; see compile_layers
+
+    def compile_layers(self, backend: str = "inductor"):
+        """Use torch.compile'd layer halves for decoding steps (T == 1); prefill stays eager.
+
+        Regional compilation: the two functions are shared by every layer (weights are arguments), so they
+        compile once, in seconds, instead of once per layer or for a whole unrolled model. ``dynamic=None`` lets
+        a second batch size recompile them once with a symbolic batch instead of once per size.
+        """
+        opts = dict(backend=backend, fullgraph=True, dynamic=None)
+        self.compiled = (torch.compile(_layer_in, **opts), torch.compile(_layer_out, **opts))
 
     def _small(self, key, tensor):
         if tensor.dtype == self.dtype and tensor.device == self.device:
@@ -486,15 +528,9 @@ class _DenseDecoder:
             # A padded query sees no key: let it see its own slot so that softmax stays finite (output unused).
             mask = mask | (torch.arange(S, device=tokens.device)[None, :] == slots[:, None])[None]
             mask = mask[:, None]  # [B, 1, T, S]
+        layer_in, layer_out = (self.compiled if T == 1 and self.compiled is not None else (_layer_in, _layer_out))
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(h, self.small[f"ln1.{i}"], self.eps)
-            qkv = layer["qkv"](x)
-            q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
-            q = q.view(B, T, H, D).transpose(1, 2)
-            k = k.view(B, T, KV, D).transpose(1, 2)
-            v = v.view(B, T, KV, D).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = layer_in(h, self.small[f"ln1.{i}"], layer["qkv"].tensors(), cos, sin, self.eps, H, KV, D)
             kc, vc = cache[i, 0], cache[i, 1]  # [B, KV, S, D]
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
@@ -510,11 +546,8 @@ class _DenseDecoder:
                 vr = vc.repeat_interleave(rep, dim=1) if rep > 1 else vc
                 o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=D ** -0.5)
                 o = o.transpose(1, 2).reshape(B, T, H * D)
-            h = h + layer["o"](o)
-            x = _rms_norm(h, self.small[f"ln2.{i}"], self.eps)
-            gu = layer["gate_up"](x)
-            g, u = gu.chunk(2, dim=-1)
-            h = h + layer["down"](F.silu(g) * u)
+            h = layer_out(h, o, self.small[f"ln2.{i}"], layer["o"].tensors(), layer["gate_up"].tensors(),
+                          layer["down"].tensors(), self.eps)
         h = _rms_norm(h[:, -1], self.small["norm"], self.eps)
         return F.linear(h, self.small["lm_head"]).float()
 
@@ -557,6 +590,10 @@ class FastRolloutEngine:
             "bisect" or "sort" (always over the whole vocabulary).
         prefilter_k: number of candidates of the prefilter.
         cuda_graphs: capture each decoding step in a CUDA graph (CUDA only).
+        compile_decode: torch.compile the decoding step's layers (fuses the ~30 small kernels of a layer's norms,
+            rotary embedding, SwiGLU and residual adds into a few). None (default): on CUDA when Triton is
+            importable. Costs a one-time compile (seconds) per process; if it fails the engine warns once and
+            decodes eagerly.
         max_batch_size: larger requests are split into chunks of this many prompts.
         fallback: on an unsupported setting or an error, warn once and use ``model.generate``; if False, raise.
 
@@ -568,7 +605,8 @@ class FastRolloutEngine:
 
     def __init__(self, model, processing_class, args, dtype: torch.dtype | None = None, lora_mode: str = "separate",
                  top_p_method: str = "prefilter", prefilter_k: int = 64, cuda_graphs: bool = True,
-                 max_batch_size: int = 64, fallback: bool = True, seed: int | None = None):
+                 max_batch_size: int = 64, fallback: bool = True, seed: int | None = None,
+                 compile_decode: bool | None = None):
         if lora_mode not in ("separate", "merge"):
             raise ValueError(f"lora_mode must be 'separate' or 'merge', got {lora_mode!r}")
         if top_p_method not in ("prefilter", "bisect", "sort"):
@@ -589,6 +627,8 @@ class FastRolloutEngine:
         self.dtype = dtype or default_dtype(self.device)
         self.lora_mode, self.top_p_method, self.prefilter_k = lora_mode, top_p_method, prefilter_k
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.compile_decode = _compile_available(self.device) if compile_decode is None else bool(compile_decode)
+        self.compile_error: str | None = None
         self.max_batch_size = max_batch_size
         self.allow_fallback = fallback
         self.generator = None
@@ -604,7 +644,7 @@ class FastRolloutEngine:
         try:
             if self.params.unsupported:
                 raise UnsupportedForFastRollout(f"unsupported generation settings: {self.params.unsupported}")
-            self.decoder = _DenseDecoder(model, self.dtype, self.device, lora_mode)
+            self.decoder = self._build_decoder(model)
             self.sync_weights(model, refresh_base=True)
         except Exception as exc:  # noqa: BLE001 - any failure must leave training running
             self._fail(exc)
@@ -627,7 +667,7 @@ class FastRolloutEngine:
         model = model if model is not None else self.model
         if _unwrap(model) is not _unwrap(self.model):  # another model: rebuild (wrappers of the same are fine)
             self.model = model
-            self.decoder = _DenseDecoder(model, self.dtype, self.device, self.lora_mode)
+            self.decoder = self._build_decoder(model)
             self._graph = None
             refresh_base = True
         if refresh_base is None:
@@ -668,6 +708,22 @@ class FastRolloutEngine:
         return out
 
     # -- internals ---------------------------------------------------------------------------------------------
+    def _build_decoder(self, model):
+        decoder = _DenseDecoder(model, self.dtype, self.device, self.lora_mode)
+        if self.compile_decode and self.compile_error is None:
+            decoder.compile_layers(COMPILE_BACKEND)
+        return decoder
+
+    def _drop_compile(self, exc: Exception):
+        """A compile failure costs the compiled layers, not the engine: warn once and decode eagerly."""
+        self.compile_error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"FastRolloutEngine: torch.compile of the decoding step failed ({self.compile_error}); "
+                      "decoding continues without it (pass compile_decode=False to skip the attempt)",
+                      RuntimeWarning, stacklevel=4)
+        self.decoder.compiled = None
+        if self._graph is not None:
+            self._graph["graph"] = None
+
     def _fail(self, exc: Exception):
         if not self.allow_fallback:
             raise exc
@@ -853,6 +909,17 @@ class FastRolloutEngine:
         self._commit(st)
 
     def _decode_step(self, st):
+        try:
+            return self._decode_step_inner(st)
+        except Exception as exc:  # noqa: BLE001
+            if self.decoder is None or self.decoder.compiled is None:
+                raise
+            # Layer 0's compiled half fails on its first call, before any state changed (or after writing this
+            # step's K/V, which the retry writes again identically); _capture restores what its warm-up touched.
+            self._drop_compile(exc)
+            return self._decode_step_inner(st)
+
+    def _decode_step_inner(self, st):
         if not self.cuda_graphs:
             self._forward_and_sample(st)
             if bool(st["flags"][1]):
@@ -878,32 +945,49 @@ class FastRolloutEngine:
         t0 = time.perf_counter()
         saved = {k: st[k].clone() for k in ("cache", "tok", "slot", "step", "finished", "out", "logps", "logits",
                                                "sampled", "need_full", "flags")}
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward_and_sample(st)
-                self._full_sample(st)
-                self._commit(st)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graphs = []
-        pool = torch.cuda.graph_pool_handle()
-        for fn in (self._forward_and_sample, self._full_sample, self._commit):
-            g = torch.cuda.CUDAGraph()
-            if self.generator is not None:
-                if not hasattr(g, "register_generator_state"):
-                    raise UnsupportedForFastRollout("a seeded generator needs torch with register_generator_state")
-                g.register_generator_state(self.generator)  # a private generator must advance on replay
-            with torch.cuda.graph(g, pool=pool):
-                fn(st)
-            graphs.append(g)
-        st["graph"], st["full_graph"], st["commit_graph"] = graphs
-        for k, v in saved.items():
-            st[k].copy_(v)
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # the first call also compiles (compile_decode): never inside a capture
+                    self._forward_and_sample(st)
+                    self._full_sample(st)
+                    self._commit(st)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graphs = []
+            pool = torch.cuda.graph_pool_handle()
+            for fn in (self._forward_and_sample, self._full_sample, self._commit):
+                g = torch.cuda.CUDAGraph()
+                if self.generator is not None:
+                    if not hasattr(g, "register_generator_state"):
+                        raise UnsupportedForFastRollout("a seeded generator needs torch with register_generator_state")
+                    g.register_generator_state(self.generator)  # a private generator must advance on replay
+                with torch.cuda.graph(g, pool=pool):
+                    fn(st)
+                graphs.append(g)
+            st["graph"], st["full_graph"], st["commit_graph"] = graphs
+        finally:
+            torch.cuda.synchronize(self.device)
+            for k, v in saved.items():
+                st[k].copy_(v)
         torch.cuda.synchronize(self.device)
         self.stats["captures"] += 1
         self.stats.setdefault("capture_s", 0.0)
         self.stats["capture_s"] += time.perf_counter() - t0
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile backend of compile_decode (tests use "aot_eager": no C/Triton build)
+
+
+def _compile_available(device: torch.device) -> bool:
+    """compile_decode's default: CUDA with Triton (inductor's GPU code generator) and a torch that compiles."""
+    if device.type != "cuda" or not hasattr(torch, "compile"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _cut_after_eos(row: list[int], eos_ids) -> list[int]:

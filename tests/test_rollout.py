@@ -234,3 +234,55 @@ def test_bad_input_is_refused_before_work(tiny):
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([prompts[0], []])
     assert engine.generate([]) == []
+
+
+# ------------------------------------------------------------------------------------------------ compile_decode
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_decoding_step_samples_the_same_policy(tiny, monkeypatch, backend):
+    """compile_decode changes kernels, not the distribution: same greedy tokens and log-probs as the model."""
+    import spark_trl.rollout as rollout
+
+    if backend == "inductor":
+        pytest.importorskip("torch._inductor")
+    monkeypatch.setattr(rollout, "COMPILE_BACKEND", backend)
+    torch._dynamo.reset()
+    model, tok, prompts = tiny
+    args = _args(max_completion_length=8, generation_kwargs={"do_sample": False})
+    eager = FastRolloutEngine(model, tok, args, fallback=False, compile_decode=False)
+    compiled = FastRolloutEngine(model, tok, args, fallback=False, compile_decode=True)
+    assert compiled.decoder.compiled is not None and eager.decoder.compiled is None
+    expected = eager.generate(prompts)
+    assert compiled.generate(prompts) == expected
+    assert compiled.compile_error is None and compiled.decoder.compiled is not None
+    m = logprob_mismatch(compiled.last_logprobs, completion_logprobs(model, prompts, expected))
+    assert m["max_abs"] < 1e-4
+    # Another batch size reuses (or recompiles once) the same compiled halves and still agrees.
+    assert compiled.generate(prompts[:2]) == eager.generate(prompts[:2])
+
+
+def test_a_compile_failure_degrades_to_eager_decoding_not_to_plain_generate(tiny, monkeypatch):
+    import spark_trl.rollout as rollout
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(rollout, "COMPILE_BACKEND", broken_backend)
+    torch._dynamo.reset()
+    model, tok, prompts = tiny
+    args = _args(max_completion_length=8, generation_kwargs={"do_sample": False})
+    expected = FastRolloutEngine(model, tok, args, fallback=False, compile_decode=False).generate(prompts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = FastRolloutEngine(model, tok, args, compile_decode=True)
+        assert engine.generate(prompts) == expected
+        assert engine.generate(prompts) == expected
+    assert engine.active and engine.stats["fallback_calls"] == 0  # still the fast engine
+    assert engine.decoder.compiled is None and "no compiler here" in engine.compile_error
+    assert sum("torch.compile of the decoding step failed" in str(w.message) for w in caught) == 1
+
+
+def test_compile_decode_defaults_off_on_cpu(tiny):
+    model, tok, _ = tiny
+    engine = FastRolloutEngine(model, tok, _args(), fallback=False)
+    assert engine.compile_decode is False and engine.decoder.compiled is None
