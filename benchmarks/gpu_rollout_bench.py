@@ -168,8 +168,8 @@ def calibrate(opts):
         del engine, comps
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    # The evaluation's sampling and a larger batch with the best variant of the training's sampling.
-    bv = dict(best[0]) if best else variants[0]
+    # The evaluation's sampling and a larger batch with the engine's defaults (or the fastest variant).
+    bv = parse_variant(opts.follow) if opts.follow != "fastest" else (dict(best[0]) if best else variants[0])
     for args, label, batch in ((eval_args, "eval T0.2 top_p0.95 top_k50", opts.batch),
                                (train_args, "train T1.0 top_p0.98", 2 * opts.batch)):
         pr = prompts if batch == opts.batch else mbpp_chat_prompt_ids(tok, opts.mbpp, batch)
@@ -183,6 +183,8 @@ def calibrate(opts):
         rows.append(res)
         gc.collect()
     report["engine"] = rows
+    if opts.profile_steps:
+        report["profile"] = profile_decode(model, tok, prompts, train_args, opts.profile_steps, **bv)
     # Baseline of the eval sampling, for the eval row's ratio.
     report["plain_eval_sampling"] = plain_generate_rate(model, tok, prompts, opts.plain_steps, 0.2, 0.95, 50)
     print(json.dumps(report["plain_eval_sampling"]), flush=True)
@@ -195,6 +197,45 @@ def calibrate(opts):
               f"{round(r.get('tokens_per_s', 0) / plain['tokens_per_s'], 1)} | {r.get('full_path_steps')} | "
               f"{(r.get('mismatch') or {}).get('mean_abs')} | {r.get('peak_allocated_gib')} | {r.get('error', '')}")
     return report
+
+
+def profile_decode(model, tokenizer, prompts, args, steps, **engine_kwargs):
+    """Where a decoding step's GPU time goes: torch.profiler over ``steps`` graph-replayed steps, kernels grouped."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from spark_trl.rollout import FastRolloutEngine
+
+    short = SimpleNamespace(**{**vars(args), "max_completion_length": steps})
+    engine = FastRolloutEngine(model, tokenizer, short, fallback=False, **engine_kwargs)
+    engine.generate(prompts)  # compile + capture outside the profile
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        engine.generate(prompts)
+        _sync()
+        wall = time.perf_counter() - t0
+    groups = {"gemm": ("gemm", "cutlass", "nvjet", "sm90_", "splitk", "matmul"), "attention": ("fmha", "attention",
+              "flash", "efficient"), "sort/topk": ("sort", "radix", "topk", "scan"), "triton (compiled)": ("triton",)}
+    totals, kernels, rows = {}, 0, []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if not t or ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = ev.key.lower()
+        group = next((g for g, keys in groups.items() if any(k in name for k in keys)), "other")
+        totals[group] = totals.get(group, 0.0) + t / 1000.0
+        kernels += ev.count
+        rows.append((t / 1000.0, ev.count, ev.key[:90]))
+    rows.sort(reverse=True)
+    n = max(engine.stats["steps"], 1) // 2  # the profiled call's steps (the first call ran as many)
+    res = {"steps": n, "wall_ms_per_step": round(1000 * wall / n, 3), "kernels_per_step": round(kernels / n, 1),
+           "gpu_ms_per_step_by_group": {k: round(v / n, 3) for k, v in sorted(totals.items(), key=lambda x: -x[1])},
+           "gpu_ms_per_step": round(sum(totals.values()) / n, 3),
+           "top_kernels": [{"ms_per_step": round(t / n, 4), "calls_per_step": round(c / n, 1), "name": k}
+                           for t, c, k in rows[:25]]}
+    print("profile", json.dumps(res, indent=1), flush=True)
+    return res
 
 
 def compiled_label(row):
@@ -215,6 +256,9 @@ def main(argv=None):
     p.add_argument("--variants", default="separate:prefilter:eager,separate:prefilter:compiled,merge:sort:compiled",
                    help="engine variants lora_mode:top_p_method[:compiled|:eager] (compile_decode; default: the "
                    "engine's own choice), comma-separated")
+    p.add_argument("--follow", default="separate:prefilter",
+                   help="variant for the eval-sampling, batch x2 and profile rows ('fastest': the fastest above)")
+    p.add_argument("--profile_steps", type=int, default=0, help="profile this many decoding steps (0: no profile)")
     p.add_argument("--out", default=None)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("train", "eval"):  # trainer steps and evaluation live in gpu_train_bench

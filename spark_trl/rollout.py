@@ -412,6 +412,15 @@ def _layer_in(h, ln_w, qkv, cos, sin, eps: float, H: int, KV: int, D: int):
     return q, k, v
 
 
+def _layer_in_kv(h, ln_w, qkv, cos, sin, eps: float, H: int, KV: int, D: int, kc, vc, slots):
+    """:func:`_layer_in`, plus the K/V cache write at ``slots`` (compiled, the write fuses with the rotary
+    embedding instead of costing two more kernels per layer). Returns q."""
+    q, k, v = _layer_in(h, ln_w, qkv, cos, sin, eps, H, KV, D)
+    kc.index_copy_(2, slots, k)
+    vc.index_copy_(2, slots, v)
+    return q
+
+
 def _layer_out(h, attn, ln_w, o, gate_up, down, eps: float):
     """Output projection + residual -> RMSNorm -> SwiGLU MLP + residual."""
     h = h + _linear(attn, *o)
@@ -467,7 +476,7 @@ class _DenseDecoder:
         self.tied = self.lm_head_module.weight is self.embed_module.weight or (
             self.lm_head_module.weight.data_ptr() == self.embed_module.weight.data_ptr())
         self.small = {}  # norms, embeddings: shared with the model when dtype/device match, else copied
-        self.compiled = None  # (layer_in, layer_out) compiled for decoding steps; see compile_layers
+        self.compiled = None  # (layer_in_kv, layer_out) compiled for decoding steps; see compile_layers
 
     def compile_layers(self, backend: str = "inductor"):
         """Use torch.compile'd layer halves for decoding steps (T == 1); prefill stays eager.
@@ -477,7 +486,7 @@ class _DenseDecoder:
         a second batch size recompile them once with a symbolic batch instead of once per size.
         """
         opts = dict(backend=backend, fullgraph=True, dynamic=None)
-        self.compiled = (torch.compile(_layer_in, **opts), torch.compile(_layer_out, **opts))
+        self.compiled = (torch.compile(_layer_in_kv, **opts), torch.compile(_layer_out, **opts))
 
     def _small(self, key, tensor):
         if tensor.dtype == self.dtype and tensor.device == self.device:
@@ -528,12 +537,14 @@ class _DenseDecoder:
             # A padded query sees no key: let it see its own slot so that softmax stays finite (output unused).
             mask = mask | (torch.arange(S, device=tokens.device)[None, :] == slots[:, None])[None]
             mask = mask[:, None]  # [B, 1, T, S]
-        layer_in, layer_out = (self.compiled if T == 1 and self.compiled is not None else (_layer_in, _layer_out))
+        # An additive mask, made once per forward: SDPA would otherwise convert a boolean mask in every layer
+        # (two kernels per layer per decoding step). Same arithmetic: 0 where attended, -inf elsewhere.
+        mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        layer_in, layer_out = (self.compiled if T == 1 and self.compiled is not None else (_layer_in_kv, _layer_out))
         for i, layer in enumerate(self.layers):
-            q, k, v = layer_in(h, self.small[f"ln1.{i}"], layer["qkv"].tensors(), cos, sin, self.eps, H, KV, D)
             kc, vc = cache[i, 0], cache[i, 1]  # [B, KV, S, D]
-            kc.index_copy_(2, slots, k)
-            vc.index_copy_(2, slots, v)
+            q = layer_in(h, self.small[f"ln1.{i}"], layer["qkv"].tensors(), cos, sin, self.eps, H, KV, D, kc, vc,
+                         slots)
             if T == 1:
                 # Grouped-query attention for one new token without repeating the cache: the G query heads
                 # of a KV head are that head's "queries".
