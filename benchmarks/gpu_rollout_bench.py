@@ -215,8 +215,9 @@ def profile_decode(model, tokenizer, prompts, args, steps, **engine_kwargs):
         engine.generate(prompts)
         _sync()
         wall = time.perf_counter() - t0
-    groups = {"gemm": ("gemm", "cutlass", "nvjet", "sm90_", "splitk", "matmul"), "attention": ("fmha", "attention",
-              "flash", "efficient"), "sort/topk": ("sort", "radix", "topk", "scan"), "triton (compiled)": ("triton",)}
+    # First match wins: attention before gemm (cuDNN's SDPA kernel names contain "sm90_" too).
+    groups = {"attention": ("fmha", "attention", "flash", "efficient", "sdpa"), "sort/topk": ("sort", "radix", "topk",
+              "scan"), "triton (compiled)": ("triton",), "gemm": ("gemm", "cutlass", "nvjet", "sm90_", "splitk")}
     totals, kernels, rows = {}, 0, []
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
