@@ -653,7 +653,7 @@ class FastRolloutEngine:
         self.fallback_reason = None
         self._graph = None
         self.last_logprobs: list[list[float]] | None = None
-        self.stats = {"generate_s": 0.0, "sync_s": 0.0, "tokens": 0, "steps": 0, "full_path_steps": 0,
+        self.stats = {"generate_s": 0.0, "sync_s": 0.0, "tokens": 0, "steps": 0, "full_path_steps": 0, "prefilter_skipped_steps": 0,
                       "captures": 0, "fallback_calls": 0}
         try:
             if self.params.unsupported:
@@ -736,7 +736,7 @@ class FastRolloutEngine:
                       RuntimeWarning, stacklevel=4)
         self.decoder.compiled = None
         if self._graph is not None:
-            self._graph["graph"] = None
+            self._graph["graphs"] = None
 
     def _fail(self, exc: Exception):
         if not self.allow_fallback:
@@ -827,7 +827,9 @@ class FastRolloutEngine:
         st["finished"][n:] = True  # bucket padding rows: never hold up the "all finished" stop
         st["out"].fill_(p.pad_token_id)
         st["logps"].zero_()
-        self._sample_and_commit(st)
+        st["sticky_full"] = 0
+        parts = self._parts()
+        self._sample_and_commit(st, lambda name: parts[name](st))  # eager: the graphs are for decoding steps
         eos = st["eos"]
         steps = 1
         while steps < p.max_new_tokens:
@@ -856,7 +858,7 @@ class FastRolloutEngine:
             torch.cuda.empty_cache()
         dev, p = self.device, self.params
         st = {
-            "key": key, "graph": None, "full_graph": None,
+            "key": key, "graphs": None, "sticky_full": 0,
             "cache": self.decoder.new_cache(B, S),
             "tok": torch.zeros(B, dtype=torch.long, device=dev),
             "slot": torch.zeros((), dtype=torch.long, device=dev),
@@ -875,18 +877,20 @@ class FastRolloutEngine:
         self._graph = st
         return st
 
-    # One decoding step = forward (graph 1: forward + fast sampling) -> [full sampling if a row needs it]
-    # -> commit (finished flags, output buffers, next input). All state lives in device tensors so that the
-    # graphs replay without host work; the host reads two flags per step (all finished, any row needing the
-    # exact full-vocabulary path).
-    def _forward_and_sample(self, st):
+    # One decoding step = forward -> sample -> commit (finished flags, output buffers, next input). All state lives
+    # in device tensors, so each part replays as a CUDA graph without host work. Sampling takes one of two exact
+    # paths: the top-k prefilter (cheap; the host then reads one flag to learn whether a row needs the full
+    # vocabulary) or the full-vocabulary path. After a step where the prefilter did not suffice, the next
+    # STICKY_FULL_STEPS steps go straight to the full path: flat distributions (random weights, early training,
+    # high temperature) make the prefilter fail step after step, and then it is wasted work (~0.2 ms per step of
+    # the 3B model on an H100).
+    def _forward(self, st):
         pos = (st["slot"] - st["npad"])[:, None]
         key_valid = (st["arange_s"][None, :] >= st["npad"][:, None]) & (st["arange_s"][None, :] <= st["slot"])
         logits = self.decoder.forward(st["tok"][:, None], pos, st["cache"], st["slot"][None], key_valid)
         st["logits"].copy_(logits)
-        self._sample_into(st)
 
-    def _sample_into(self, st):
+    def _prefilter_sample(self, st):
         tok, need_full = self._sample(st["logits"])
         st["sampled"].copy_(tok)
         if need_full is not None:
@@ -895,12 +899,17 @@ class FastRolloutEngine:
             st["need_full"].zero_()
         st["flags"][1] = st["need_full"].any()
 
-    def _full_sample(self, st):
-        # The prefilter's exact fallback sorts: on an H100 a segmented sort of 32 x 151,936 logits beat the
+    def _full_tokens(self, st):
+        # The exact full-vocabulary path sorts: on an H100 a segmented sort of 32 x 151,936 logits beat the
         # 31-step bisection by ~1 ms per step (docs/benchmarks.md).
         method = "bisect" if self.top_p_method == "bisect" else "sort"
-        tok = _sample_full(st["logits"], self.params, method, self.generator)
-        st["sampled"].copy_(torch.where(st["need_full"], tok, st["sampled"]))
+        return _sample_full(st["logits"], self.params, method, self.generator)
+
+    def _full_sample(self, st):  # the rows the prefilter could not decide
+        st["sampled"].copy_(torch.where(st["need_full"], self._full_tokens(st), st["sampled"]))
+
+    def _full_sample_all(self, st):  # every row (sticky full path)
+        st["sampled"].copy_(self._full_tokens(st))
 
     def _commit(self, st):
         p = self.params
@@ -915,12 +924,24 @@ class FastRolloutEngine:
         st["step"].add_(1)
         st["slot"].add_(1)
 
-    def _sample_and_commit(self, st):
-        self._sample_into(st)
-        if bool(st["flags"][1]):
-            self._full_sample(st)
+    def _parts(self):
+        return {"forward": self._forward, "prefilter": self._prefilter_sample, "full": self._full_sample,
+                "full_all": self._full_sample_all, "commit": self._commit}
+
+    def _sample_and_commit(self, st, run):
+        """Sample the next token from st["logits"] by the cheapest exact path, then commit it."""
+        if st["sticky_full"] > 0:
+            st["sticky_full"] -= 1
+            run("full_all")
             self.stats["full_path_steps"] += 1
-        self._commit(st)
+            self.stats["prefilter_skipped_steps"] += 1
+        else:
+            run("prefilter")
+            if bool(st["flags"][1]):
+                run("full")
+                self.stats["full_path_steps"] += 1
+                st["sticky_full"] = STICKY_FULL_STEPS
+        run("commit")
 
     def _decode_step(self, st):
         try:
@@ -934,24 +955,24 @@ class FastRolloutEngine:
             return self._decode_step_inner(st)
 
     def _decode_step_inner(self, st):
-        if not self.cuda_graphs:
-            self._forward_and_sample(st)
-            if bool(st["flags"][1]):
-                self._full_sample(st)
-                self.stats["full_path_steps"] += 1
-            self._commit(st)
-            return st["flags"].tolist()
-        if st["graph"] is None:
-            self._capture(st)
-        st["graph"].replay()
-        if bool(st["flags"][1]):
-            st["full_graph"].replay()
-            self.stats["full_path_steps"] += 1
-        st["commit_graph"].replay()
+        if self.cuda_graphs:
+            if st["graphs"] is None:
+                self._capture(st)
+            graphs = st["graphs"]
+
+            def run(name):
+                graphs[name].replay()
+        else:
+            parts = self._parts()
+
+            def run(name):
+                parts[name](st)
+        run("forward")
+        self._sample_and_commit(st, run)
         return st["flags"].tolist()
 
     def _capture(self, st):
-        """Capture forward+sample, full sample and commit as three CUDA graphs (after a warm-up on a side stream).
+        """Capture each part of a decoding step as a CUDA graph (after a warm-up on a side stream).
 
         The warm-up and capture run on scratch copies of the mutable state so that the real sequence state is
         untouched; the graphs then read and write the persistent buffers.
@@ -959,18 +980,18 @@ class FastRolloutEngine:
         t0 = time.perf_counter()
         saved = {k: st[k].clone() for k in ("cache", "tok", "slot", "step", "finished", "out", "logps", "logits",
                                                "sampled", "need_full", "flags")}
+        parts = self._parts()
         try:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # the first call also compiles (compile_decode): never inside a capture
-                    self._forward_and_sample(st)
-                    self._full_sample(st)
-                    self._commit(st)
+                    for fn in parts.values():
+                        fn(st)
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            graphs = []
+            graphs = {}
             pool = torch.cuda.graph_pool_handle()
-            for fn in (self._forward_and_sample, self._full_sample, self._commit):
+            for name, fn in parts.items():
                 g = torch.cuda.CUDAGraph()
                 if self.generator is not None:
                     if not hasattr(g, "register_generator_state"):
@@ -978,8 +999,8 @@ class FastRolloutEngine:
                     g.register_generator_state(self.generator)  # a private generator must advance on replay
                 with torch.cuda.graph(g, pool=pool):
                     fn(st)
-                graphs.append(g)
-            st["graph"], st["full_graph"], st["commit_graph"] = graphs
+                graphs[name] = g
+            st["graphs"] = graphs
         finally:
             torch.cuda.synchronize(self.device)
             for k, v in saved.items():
@@ -990,6 +1011,7 @@ class FastRolloutEngine:
         self.stats["capture_s"] += time.perf_counter() - t0
 
 
+STICKY_FULL_STEPS = 16  # after the prefilter fails, this many steps take the full path directly
 COMPILE_BACKEND = "inductor"  # torch.compile backend of compile_decode (tests use "aot_eager": no C/Triton build)
 
 

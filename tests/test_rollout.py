@@ -286,3 +286,26 @@ def test_compile_decode_defaults_off_on_cpu(tiny):
     model, tok, _ = tiny
     engine = FastRolloutEngine(model, tok, _args(), fallback=False)
     assert engine.compile_decode is False and engine.decoder.compiled is None
+
+
+def test_a_failing_prefilter_sends_the_next_steps_straight_to_the_full_path(tiny, monkeypatch):
+    """Flat distributions (a random tiny model, top_p 0.99 > the mass of its top 4 tokens) make the prefilter fail:
+    after each failure STICKY_FULL_STEPS steps skip it, and the samples stay those of the model's distribution."""
+    import spark_trl.rollout as rollout
+
+    monkeypatch.setattr(rollout, "STICKY_FULL_STEPS", 3)
+    model, tok, prompts = tiny
+    engine = FastRolloutEngine(model, tok, _args(top_p=0.99, max_completion_length=17), prefilter_k=4,
+                               fallback=False)
+    comps = engine.generate(prompts)
+    steps = engine.stats["steps"]
+    assert steps == 17 and all(len(c) == 17 or c[-1] in engine.params.eos_token_ids for c in comps)
+    # Every step needs the full path; the prefilter runs on steps 0, 4, 8, 12, 16 and is skipped on the others.
+    assert engine.stats["full_path_steps"] == steps
+    assert engine.stats["prefilter_skipped_steps"] == steps - 5
+    m = logprob_mismatch(engine.last_logprobs, completion_logprobs(model, prompts, comps))
+    assert m["max_abs"] < 1e-4
+    # top_p 0.01: the top 4 of 320 tokens always hold at least 4/320 > 0.01, so the prefilter always decides.
+    engine = FastRolloutEngine(model, tok, _args(top_p=0.01, max_completion_length=8), prefilter_k=4, fallback=False)
+    engine.generate(prompts)
+    assert engine.stats["full_path_steps"] == 0 and engine.stats["prefilter_skipped_steps"] == 0
