@@ -185,9 +185,12 @@ def calibrate(opts):
     report["engine"] = rows
     if opts.profile_steps:
         report["profile"] = profile_decode(model, tok, prompts, train_args, opts.profile_steps, **bv)
-    # Baseline of the eval sampling, for the eval row's ratio.
+    # Baseline of the eval sampling, for the eval row's ratio; the training sampling's baseline once more, so that
+    # drift of the GPU's speed during the run shows.
     report["plain_eval_sampling"] = plain_generate_rate(model, tok, prompts, opts.plain_steps, 0.2, 0.95, 50)
     print(json.dumps(report["plain_eval_sampling"]), flush=True)
+    report["plain_train_sampling_again"] = plain_generate_rate(model, tok, prompts, opts.plain_steps, 1.0, 0.98)
+    print("plain generate again:", report["plain_train_sampling_again"], flush=True)
     print(write_json(report, opts.out))
     print("\n| variant | sampling | batch | tok/s | ms/step | x plain | full-path steps | mismatch | peak alloc GiB |")
     for r in rows:
