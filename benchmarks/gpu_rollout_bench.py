@@ -183,6 +183,7 @@ def calibrate(opts):
         rows.append(res)
         gc.collect()
     report["engine"] = rows
+    report["eos_check"] = eos_check(model, tok, prompts, train_args, **bv)
     if opts.profile_steps:
         report["profile"] = profile_decode(model, tok, prompts, train_args, opts.profile_steps, **bv)
     # Baseline of the eval sampling, for the eval row's ratio; the training sampling's baseline once more, so that
@@ -200,6 +201,30 @@ def calibrate(opts):
               f"{round(r.get('tokens_per_s', 0) / plain['tokens_per_s'], 1)} | {r.get('full_path_steps')} | "
               f"{(r.get('mismatch') or {}).get('mean_abs')} | {r.get('peak_allocated_gib')} | {r.get('error', '')}")
     return report
+
+
+def eos_check(model, tokenizer, prompts, args, **engine_kwargs):
+    """TRL's EOS semantics under CUDA graphs (random weights never stop by themselves): with every other token id a
+    stop token, completions must end at their first stop token or at the cap, and generation must stop early."""
+    from spark_trl.rollout import FastRolloutEngine, completion_logprobs, logprob_mismatch
+
+    vocab = model.config.vocab_size
+    stops = list(range(0, vocab, 2))
+    cap = 64
+    check = SimpleNamespace(**{**vars(args), "max_completion_length": cap, "generation_kwargs": {"eos_token_id": stops}})
+    engine = FastRolloutEngine(model, tokenizer, check, fallback=False, **engine_kwargs)
+    comps = engine.generate(prompts)
+    stop = set(stops)
+    ok_cut = all(t not in stop for c in comps for t in c[:-1])
+    ok_end = all(c and (c[-1] in stop or len(c) == cap) for c in comps)
+    lp = completion_logprobs(model, prompts, comps, temperature=args.temperature, batch_size=8)
+    res = {"steps": engine.stats["steps"], "cap": cap, "max_len": max(map(len, comps)),
+           "mean_len": sum(map(len, comps)) / len(comps), "stop_only_at_end": ok_cut, "ends_at_stop_or_cap": ok_end,
+           "stopped_early": engine.stats["steps"] < cap, "mismatch": logprob_mismatch(engine.last_logprobs, lp)}
+    print("eos_check", res, flush=True)
+    if not (ok_cut and ok_end and res["stopped_early"]):
+        raise SystemExit(f"EOS semantics violated under CUDA graphs: {res}")
+    return res
 
 
 def profile_decode(model, tokenizer, prompts, args, steps, **engine_kwargs):

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spark_trl.rollout import (FastRolloutEngine, SamplingParams, _sample_full, _sample_prefilter,
-                               completion_logprobs, logprob_mismatch, prefilter_probs, warp_logits)
+from spark_trl.rollout import (FastRolloutEngine, SamplingParams, _cumsum_rows, _sample_full, _sample_prefilter,
+                               completion_logprobs, logprob_mismatch, prefilter_probs, sorted_weights, warp_logits)
 
 
 def _args(**kw):
@@ -63,6 +63,25 @@ def test_warp_logits_keeps_exactly_the_tokens_transformers_keeps(settings, metho
     torch.testing.assert_close(torch.softmax(ours, -1), torch.softmax(ref, -1))
 
 
+@pytest.mark.parametrize("settings", [dict(top_p=0.9), dict(top_p=0.5, temperature=0.3), dict(top_k=7, top_p=0.8),
+                                      dict(top_p=0.95, min_p=0.05), dict(temperature=0.2, top_p=0.95, top_k=50)])
+def test_sorted_weights_are_the_warped_distribution_in_sorted_order(settings):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(64, 500, generator=g) * torch.logspace(-1, 1.3, 64)[:, None]
+    ids, w = sorted_weights(logits, SamplingParams(**settings))
+    assert torch.equal(ids.sort(-1).values, torch.arange(500).expand(64, -1))  # a permutation of the vocabulary
+    dense = torch.zeros_like(logits).scatter(-1, ids, w)
+    ref = torch.softmax(_hf_warp(logits, **settings), -1)
+    assert torch.equal(dense > 0, ref > 0)
+    torch.testing.assert_close(dense / dense.sum(-1, keepdim=True), ref)
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (2, 128), (5, 129), (4, 1000)])
+def test_blocked_cumsum_equals_cumsum(shape):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(_cumsum_rows(x, block=16), x.cumsum(-1))
+
+
 @pytest.mark.parametrize("settings", [dict(top_p=0.9), dict(top_p=0.95, temperature=0.2), dict(top_k=5, top_p=1.0),
                                       dict(top_p=0.9, min_p=0.1)])
 def test_prefilter_is_exact_where_it_claims_and_flags_the_rest(settings):
@@ -83,7 +102,7 @@ def test_prefilter_is_exact_where_it_claims_and_flags_the_rest(settings):
         assert (outside > 0).all()
 
 
-@pytest.mark.parametrize("path", ["full", "prefilter"])
+@pytest.mark.parametrize("path", ["bisect", "sort", "prefilter"])
 def test_sampled_frequencies_match_the_warped_distribution(path):
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -3.0, -4.0]])
     params = SamplingParams(temperature=0.8, top_p=0.9)
@@ -91,8 +110,8 @@ def test_sampled_frequencies_match_the_warped_distribution(path):
     n = 40000
     big = logits.expand(n, -1).contiguous()
     torch.manual_seed(0)
-    if path == "full":
-        draws = _sample_full(big, params, "bisect")
+    if path != "prefilter":
+        draws = _sample_full(big, params, path)
     else:
         draws, exact = _sample_prefilter(big, params, k=6)
         assert exact.all()
