@@ -781,8 +781,8 @@ class FastRolloutEngine:
     def _drop_compile(self, exc: Exception):
         """A compile failure costs the compiled layers, not the engine: warn once and decode eagerly."""
         self.compile_error = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"FastRolloutEngine: torch.compile of the decoding step failed ({self.compile_error}); "
-                      "decoding continues without it (pass compile_decode=False to skip the attempt)",
+        warnings.warn(f"FastRolloutEngine: a decoding step with torch.compile'd layers failed ({self.compile_error}); "
+                      "retrying without them (pass compile_decode=False to skip the attempt)",
                       RuntimeWarning, stacklevel=4)
         self.decoder.compiled = None
         if self._graph is not None:
@@ -985,7 +985,8 @@ class FastRolloutEngine:
         lp = torch.where(st["finished"], torch.zeros_like(lp), lp)
         st["out"].index_copy_(1, st["step"][None], tok[:, None])
         st["logps"].index_copy_(1, st["step"][None], lp[:, None])
-        st["finished"].copy_(st["finished"] | torch.isin(tok, st["eos"]))
+        # Not torch.isin: for long stop lists it takes a sort-based path that cannot be captured in a CUDA graph.
+        st["finished"].copy_(st["finished"] | (tok[:, None] == st["eos"][None, :]).any(dim=-1))
         st["flags"][0] = st["finished"].all()
         st["tok"].copy_(tok)
         st["step"].add_(1)

@@ -298,7 +298,7 @@ def test_a_compile_failure_degrades_to_eager_decoding_not_to_plain_generate(tiny
         assert engine.generate(prompts) == expected
     assert engine.active and engine.stats["fallback_calls"] == 0  # still the fast engine
     assert engine.decoder.compiled is None and "no compiler here" in engine.compile_error
-    assert sum("torch.compile of the decoding step failed" in str(w.message) for w in caught) == 1
+    assert sum("torch.compile'd layers failed" in str(w.message) for w in caught) == 1
 
 
 def test_compile_decode_defaults_off_on_cpu(tiny):
