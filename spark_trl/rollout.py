@@ -11,10 +11,14 @@ costs 120-175 ms on an H100 (issue 8). :class:`FastRolloutEngine` samples instea
   each optimizer step;
 * its own decoder for the Llama/Qwen2 family (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU) over a
   static KV cache, so that one decoding step (forward, temperature/top-k/top-p/min-p, sampling, EOS bookkeeping)
-  is captured once in a CUDA graph and replayed;
+  is captured once in CUDA graphs and replayed; on CUDA the two halves of a layer around the attention are
+  ``torch.compile``d once (``compile_decode``), which fuses their ~30 small kernels into a handful;
 * an exact top-p: a top-k prefilter decides the nucleus whenever the kept mass reaches ``top_p`` (exact, since
   every token outside it then has at least ``top_p`` mass above it), else the exact full-vocabulary path runs
-  (a bisection on the probability threshold, or a sort as in ``transformers``' ``TopPLogitsWarper``).
+  (a sort as in ``transformers``' ``TopPLogitsWarper``, or a bisection on the probability threshold).
+
+Where a decoding step of the 3B model goes on an H100 (batch 32, 5.7 ms) and how each change paid off is in
+docs/benchmarks.md.
 
 Sampling semantics are those of TRL's transformers path: the warpers of ``GenerationConfig`` in their order
 (temperature, top-k, top-p, min-p), one sample per prompt, generation stops at any of TRL's EOS ids (tokenizer EOS
