@@ -14,7 +14,7 @@ TOP_UP_MODES = ("rounds", "prefetch")
 SKIP_ZERO_ADVANTAGE = ("group", "sequence", "none")
 AUX_MODES = ("phase", "joint")
 AUX_OBJECTIVES = ("recycling",)
-ROLLOUT_ENGINES = ("trl", "spark")
+ROLLOUT_ENGINES = ("trl", "spark", "auto")
 REF_ADAPTERS = ("disable", "copy")
 # Loss types that SparkGRPOTrainer adds to TRL's.
 SPARK_LOSS_TYPES = ("spark",)
@@ -156,7 +156,8 @@ class SparkGRPOConfig(GRPOConfig):
         default="trl",
         metadata={
             "help": "'trl': TRL's own generation (transformers generate, or vLLM when use_vllm). "
-            "'spark': spark_trl.rollout.FastRolloutEngine."
+            "'spark': spark_trl.rollout.FastRolloutEngine. 'auto': 'spark' on a CUDA GPU with one process per GPU "
+            "(DDP or none), else 'trl' (no GPU, use_vllm, FSDP, DeepSpeed). The recipes use 'auto'."
         },
     )
 
@@ -176,6 +177,8 @@ class SparkGRPOConfig(GRPOConfig):
         _check_choice("skip_zero_advantage", self.skip_zero_advantage, SKIP_ZERO_ADVANTAGE)
         _check_choice("aux_mode", self.aux_mode, AUX_MODES)
         _check_choice("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
+        if self.rollout_engine == "auto":
+            self.rollout_engine = resolve_rollout_engine(self)
         _check_choice("ref_adapter", self.ref_adapter, REF_ADAPTERS)
         if self.aux_objective is not None:
             _check_choice("aux_objective", self.aux_objective, AUX_OBJECTIVES)
@@ -194,6 +197,24 @@ class SparkGRPOConfig(GRPOConfig):
     def adaptive(self) -> bool:
         """Whether groups can grow beyond their initial size."""
         return self.max_generations > self.min_generations
+
+
+def resolve_rollout_engine(args) -> str:
+    """What rollout_engine="auto" means for these settings (see the field's help).
+
+    The fast engine keeps a full dense copy of the weights per process, which sharded setups (FSDP, DeepSpeed) do
+    not have at hand, and vLLM is a backend of its own; without a CUDA GPU it has nothing to win.
+    """
+    import os
+
+    import torch
+
+    truthy = ("1", "true", "yes")
+    sharded = bool(getattr(args, "fsdp", None)) or bool(getattr(args, "deepspeed", None)) or any(
+        os.environ.get(k, "").lower() in truthy for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    if getattr(args, "use_vllm", False) or sharded or getattr(args, "use_cpu", False) or not torch.cuda.is_available():
+        return "trl"
+    return "spark"
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

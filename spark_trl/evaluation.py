@@ -167,11 +167,13 @@ def chat_prompts(tokenizer, problems: Sequence[Problem], system_prompt: str | No
                                           add_generation_prompt=True) for p in problems]
 
 
-def generate_fast(model, tokenizer, prompts: Sequence[str], config: EvalConfig) -> list[list[str]]:
+def generate_fast(model, tokenizer, prompts: Sequence[str], config: EvalConfig, engine=None) -> list[list[str]]:
     """Like :func:`generate`, through the fast rollout engine (issue 8's sampler, see docs/benchmarks.md).
 
     The sampling settings are the evaluation's plus whatever the model's ``generation_config`` adds (top_k,
     repetition_penalty), exactly what ``generate`` would apply, so both paths sample the same distribution.
+    ``engine``: an existing FastRolloutEngine of ``model`` (the trainer's) to reuse: it is synced to the model's
+    current weights and samples with the evaluation's settings, without a second dense copy of the weights.
     """
     from types import SimpleNamespace
 
@@ -183,10 +185,15 @@ def generate_fast(model, tokenizer, prompts: Sequence[str], config: EvalConfig) 
                            repetition_penalty=getattr(gc, "repetition_penalty", None) or 1.0, generation_kwargs={})
     if config.temperature <= 0:
         raise ValueError("rollout_engine='spark' samples; use rollout_engine='hf' for greedy decoding")
-    engine = FastRolloutEngine(model, tokenizer, args, max_batch_size=config.batch_size)
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     rows = [i for i in range(len(prompts)) for _ in range(config.n_samples)]
-    out = engine.generate([ids[i] for i in rows])
+    if engine is not None and engine.active:
+        engine.sync_weights(model)  # the last optimizer step came after the engine's last rollout
+        with engine.sampling(args, max_batch_size=config.batch_size):
+            out = engine.generate([ids[i] for i in rows])
+    else:
+        engine = FastRolloutEngine(model, tokenizer, args, max_batch_size=config.batch_size)
+        out = engine.generate([ids[i] for i in rows])
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     completions: list[list[str]] = [[] for _ in prompts]
     for i, text in zip(rows, texts):
@@ -363,8 +370,10 @@ def summarize(records: Sequence[dict], ks: Sequence[int]) -> tuple[dict[int, flo
 def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: EvalConfig, name: str = "eval",
                       samples_path: str | os.PathLike | None = None, executor=None,
                       model_name_or_path: str | None = None, adapter: str | None = None,
-                      on_batch: Callable[[int], None] | None = None) -> BenchmarkResult:
+                      on_batch: Callable[[int], None] | None = None, engine=None) -> BenchmarkResult:
     """pass@k of ``model`` on ``problems``; every sample written to ``samples_path`` (jsonl) when given.
+
+    ``engine``: with ``config.rollout_engine == "spark"``, an existing FastRolloutEngine of ``model`` to reuse.
 
     Under ``accelerate launch`` each process takes every ``num_processes``-th problem and the per-problem
     records are gathered on every rank, so the score is computed once over all samples (rank 0 writes).
@@ -392,7 +401,7 @@ def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: Eva
             if config.use_vllm:
                 completions = generate_vllm(model_name_or_path or model.name_or_path, prompts, config, adapter)
             elif config.rollout_engine == "spark":
-                completions = generate_fast(model, tokenizer, prompts, config)
+                completions = generate_fast(model, tokenizer, prompts, config, engine=engine)
             else:
                 completions = generate(model, tokenizer, prompts, config, on_batch=on_batch)
         records = score_completions(mine, completions, executor or _executor(config), name, config.timeout,

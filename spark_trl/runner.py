@@ -83,6 +83,10 @@ class StudyArguments:
     eval_max_new_tokens: int = field(default=512, metadata={"help": "Evaluation tokens per sample at most."})
     eval_batch_size: int = field(default=64, metadata={
         "help": "Sequences per evaluation generate call at first; halved on out-of-memory."})
+    eval_rollout_engine: str = field(default="auto", metadata={
+        "help": "Evaluation sampler: 'hf' (transformers generate), 'spark' (the fast engine; the trainer's own when "
+                "it has one, so no second copy of the weights) or 'auto' (spark where the trainer samples with "
+                "it, else hf)."})
     syntax_penalty: float = field(default=-0.2, metadata={"help": "Reward of a program that does not compile."})
     runtime_penalty: float = field(default=-0.1, metadata={"help": "Reward floor after a runtime error."})
     timeout_penalty: float = field(default=-0.3, metadata={"help": "Reward floor after a timeout."})
@@ -107,11 +111,20 @@ class StudyArguments:
             raise ValueError(f"checkpoint_steps must be >= 0, got {self.checkpoint_steps}")
         if isinstance(self.eval_benchmarks, str):
             self.eval_benchmarks = [self.eval_benchmarks]
+        if self.eval_rollout_engine not in ("auto", "hf", "spark"):
+            raise ValueError(f"eval_rollout_engine must be 'auto', 'hf' or 'spark', got {self.eval_rollout_engine!r}")
+        if self.eval_rollout_engine == "spark" and self.eval_temperature <= 0:
+            raise ValueError("eval_rollout_engine='spark' samples: it needs eval_temperature > 0 (use 'hf')")
 
-    def eval_config(self, seed: int, progress: bool = True) -> EvalConfig:
+    def eval_config(self, seed: int, progress: bool = True, trainer_engine: bool = False) -> EvalConfig:
+        """The evaluation's settings; ``trainer_engine``: the trainer samples with the fast engine (for 'auto')."""
+        engine = self.eval_rollout_engine
+        if engine == "auto":
+            engine = "spark" if trainer_engine and self.eval_temperature > 0 else "hf"
         return EvalConfig(n_samples=self.eval_n_samples, temperature=self.eval_temperature, top_p=self.eval_top_p,
                           max_new_tokens=self.eval_max_new_tokens, batch_size=self.eval_batch_size, seed=seed,
-                          timeout=self.exec_timeout, workers=self.exec_workers, progress=progress)
+                          timeout=self.exec_timeout, workers=self.exec_workers, progress=progress,
+                          rollout_engine=engine)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -556,7 +569,9 @@ class StudyRunner:
     def evaluate_iteration(self, iteration: int, state) -> dict:
         trainer = self.trainer
         seed = self.args.seed + BASE_EVAL_SEED + 100 * iteration
-        config = self.study.eval_config(seed, progress=self.progress)
+        engine = getattr(trainer, "_engine", None)
+        engine = engine if engine is not None and engine.active else None
+        config = self.study.eval_config(seed, progress=self.progress, trainer_engine=engine is not None)
         t0 = time.time()
         from trl.models import unwrap_model_for_generation
 
@@ -564,7 +579,8 @@ class StudyRunner:
             # isolated_rng here too: evaluation must not shift the training's RNG even on the sandbox side.
             with isolated_rng(seed):
                 results = evaluate(model, trainer.processing_class, self.eval_sets, config,
-                                   output_dir=self.output_dir / "eval" / f"iter{iteration}")
+                                   output_dir=self.output_dir / "eval" / f"iter{iteration}",
+                                   engine=engine if config.rollout_engine == "spark" else None)
         row: dict[str, Any] = {"iteration": iteration, "global_step": state.global_step}
         for name, result in results.items():
             for k, v in result.pass_at.items():
@@ -783,7 +799,7 @@ STUDY_DEFAULTS: dict[str, Any] = dict(
     gradient_accumulation_steps=4, per_device_train_batch_size=4, epsilon=0.2, max_grad_norm=1.0,
     min_generations=4, max_generations=8, generation_increment=2,
     temperature=1.0, top_p=0.98, max_completion_length=512,
-    loss_type="spark", gradient_checkpointing=True,
+    loss_type="spark", gradient_checkpointing=True, rollout_engine="auto",
     syntax_penalty=-0.2, runtime_penalty=-0.1, timeout_penalty=-0.3, wrong_answer_floor=0.0,
     seed=42, report_to="none",
 )

@@ -336,3 +336,24 @@ def test_fast_engine_evaluation_samples_what_generate_samples(tiny, mbpp_problem
     assert fast == greedy
     with pytest.raises(ValueError, match="rollout_engine must be"):
         EvalConfig(rollout_engine="turbo")
+
+
+def test_fast_evaluation_can_borrow_an_engine_and_gives_it_back(tiny, mbpp_problems):
+    """generate_fast(engine=...) samples with the evaluation's settings from the given engine (no new engine) and
+    leaves that engine's own settings as they were."""
+    from types import SimpleNamespace
+
+    from spark_trl.evaluation import generate_fast
+    from spark_trl.rollout import FastRolloutEngine
+
+    model, tokenizer = tiny
+    train_args = SimpleNamespace(temperature=1.0, top_p=0.98, max_completion_length=3, generation_kwargs=None)
+    engine = FastRolloutEngine(model, tokenizer, train_args, fallback=False)
+    prompts = chat_prompts(tokenizer, mbpp_problems[:3], None)
+    config = EvalConfig(n_samples=2, temperature=1e-5, top_p=1.0, max_new_tokens=6, batch_size=8, progress=False)
+    with isolated_rng(0):
+        fast = generate_fast(model, tokenizer, prompts, config, engine=engine)
+    assert fast == generate(model, tokenizer, prompts, replace(config, temperature=0.0))  # the eval's settings
+    assert engine.stats["tokens"] > 0  # it was this engine that sampled
+    assert (engine.params.temperature, engine.params.top_p, engine.params.max_new_tokens) == (1.0, 0.98, 3)
+    assert all(len(c) <= 3 for c in engine.generate([[1, 2, 3]] * 2))

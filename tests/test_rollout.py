@@ -328,3 +328,19 @@ def test_a_failing_prefilter_sends_the_next_steps_straight_to_the_full_path(tiny
     engine = FastRolloutEngine(model, tok, _args(top_p=0.01, max_completion_length=8), prefilter_k=4, fallback=False)
     engine.generate(prompts)
     assert engine.stats["full_path_steps"] == 0 and engine.stats["prefilter_skipped_steps"] == 0
+
+
+def test_prefill_in_row_chunks_computes_the_same_distribution(tiny, monkeypatch):
+    """PREFILL_ROWS splits the prompt forward over rows (memory); each chunk writes its own rows of the KV cache."""
+    import spark_trl.rollout as rollout
+
+    monkeypatch.setattr(rollout, "PREFILL_ROWS", 2)
+    model, tok, prompts = tiny
+    engine = FastRolloutEngine(model, tok, _args(top_p=0.9, max_completion_length=6), fallback=False)
+    many = prompts * 2 + [prompts[0][:2]]  # 7 rows of three widths: chunks of 2, 2, 2, 1
+    comps = engine.generate(many)
+    m = logprob_mismatch(engine.last_logprobs, completion_logprobs(model, many, comps))
+    assert m["tokens"] == sum(map(len, comps)) and m["max_abs"] < 1e-4
+    greedy = _args(max_completion_length=6, generation_kwargs={"do_sample": False})
+    chunked = FastRolloutEngine(model, tok, greedy, fallback=False)
+    assert chunked.generate(many) == chunked._generate_plain(many)

@@ -286,3 +286,49 @@ def test_out_of_memory_is_retried_then_checkpointed_for_resume(tiny_model_path, 
     result = _in_process(tiny_model_path, out, mbpp_path, None, "--resume", "true")
     assert result["status"] == "complete" and [r["iteration"] for r in _rows(out)] == [0, 1]
     assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_study_evaluation_reuses_the_trainers_fast_engine(tiny_model_path, mbpp_path, tmp_path, monkeypatch):
+    """With the fast engine in the trainer, eval_rollout_engine='auto' samples the evaluation from that same engine
+    (one dense copy of the weights, not two), with the evaluation's settings, and puts the training's back."""
+    import spark_trl.rollout as rollout
+
+    built, borrowed = [], []
+    init, sampling = rollout.FastRolloutEngine.__init__, rollout.FastRolloutEngine.sampling
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    def counting_sampling(self, args, **kwargs):
+        borrowed.append((args.temperature, args.top_p, self.params.temperature))
+        return sampling(self, args, **kwargs)
+
+    monkeypatch.setattr(rollout.FastRolloutEngine, "__init__", counting_init)
+    monkeypatch.setattr(rollout.FastRolloutEngine, "sampling", counting_sampling)
+    out = tmp_path / "run"
+    argv = _argv(tiny_model_path, out, mbpp_path, "--rollout_engine", "spark", "--iterations", "1")
+    study, targs, margs = parse_recipe({}, argv)
+    assert study.eval_rollout_engine == "auto" and targs.rollout_engine == "spark"
+    result = run_study(study, targs, margs, progress=False)
+    assert result["status"] == "complete"
+    assert len(built) == 1 and built[0].active  # the trainer's engine only
+    # Two evaluations (iterations 0 and 1) x two benchmarks, each with the evaluation's sampling (T 0.2, top_p
+    # 0.95) on the engine that trains at T 1.0; afterwards it samples with the training's settings again.
+    assert borrowed == [(0.2, 0.95, 1.0)] * 4
+    assert built[0].params.temperature == 1.0 and built[0].params.top_p == 0.98
+    assert len((out / "eval" / "iter1" / "humaneval.samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_rollout_engine_auto_follows_the_trainer():
+    from spark_trl.runner import StudyArguments
+
+    study = StudyArguments()
+    assert study.eval_config(1, trainer_engine=True).rollout_engine == "spark"
+    assert study.eval_config(1, trainer_engine=False).rollout_engine == "hf"
+    assert StudyArguments(eval_temperature=0.0).eval_config(1, trainer_engine=True).rollout_engine == "hf"
+    assert StudyArguments(eval_rollout_engine="hf").eval_config(1, trainer_engine=True).rollout_engine == "hf"
+    with pytest.raises(ValueError, match="eval_rollout_engine must be"):
+        StudyArguments(eval_rollout_engine="vllm")
+    with pytest.raises(ValueError, match="eval_temperature > 0"):
+        StudyArguments(eval_rollout_engine="spark", eval_temperature=0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,3 +105,21 @@ def test_config_defaults_are_the_study_s(tmp_path):
     assert (args.aux_pointwise_weight, args.aux_pairwise_weight, args.aux_reflection_weight) == (0.0, 0.1, 1.0)
     assert (args.aux_max_pointwise, args.aux_max_pairwise, args.aux_max_reflection) == (200, 200, 400)
     assert args.aux_batch_size == 2 and args.aux_mode == "phase"
+
+
+def test_rollout_engine_auto_picks_the_fast_engine_only_where_it_can_run(tmp_path, monkeypatch):
+    from spark_trl.configs import resolve_rollout_engine
+
+    def cfg(**kw):
+        return SparkGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, rollout_engine="auto",
+                               per_device_train_batch_size=4, **kw)
+
+    assert cfg().rollout_engine == "trl"  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = dict(use_cpu=False, use_vllm=False, fsdp="", deepspeed=None)
+    assert resolve_rollout_engine(SimpleNamespace(**gpu)) == "spark"
+    assert resolve_rollout_engine(SimpleNamespace(**{**gpu, "use_vllm": True})) == "trl"
+    assert resolve_rollout_engine(SimpleNamespace(**{**gpu, "fsdp": "full_shard"})) == "trl"
+    assert resolve_rollout_engine(SimpleNamespace(**{**gpu, "deepspeed": "zero2.json"})) == "trl"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert resolve_rollout_engine(SimpleNamespace(**gpu)) == "trl"
