@@ -569,7 +569,7 @@ class StudyRunner:
     def evaluate_iteration(self, iteration: int, state) -> dict:
         trainer = self.trainer
         seed = self.args.seed + BASE_EVAL_SEED + 100 * iteration
-        engine = getattr(trainer, "_engine", None)
+        engine = getattr(trainer, "rollout_engine", None)
         engine = engine if engine is not None and engine.active else None
         config = self.study.eval_config(seed, progress=self.progress, trainer_engine=engine is not None)
         t0 = time.time()

@@ -297,6 +297,12 @@ class SparkGRPOTrainer(GRPOTrainer):
                         "Build it with spark_trl.data.to_grpo_dataset."
                     )
 
+    @property
+    def rollout_engine(self):
+        """The FastRolloutEngine sampling the rollouts (rollout_engine="spark"), or None. The study runner lends it
+        to the evaluation (``FastRolloutEngine.sampling``) so that one dense copy of the weights serves both."""
+        return self._engine
+
     # ------------------------------------------------------------------------------------------------ statistics
 
     @property
