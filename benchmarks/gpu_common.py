@@ -21,6 +21,15 @@ def gib(n: float) -> float:
     return round(n / 2 ** 30, 2)
 
 
+def add_model_args(parser) -> None:
+    """The model/data options every GPU benchmark takes."""
+    parser.add_argument("--shape", choices=["3b", "tiny"], default="3b")
+    parser.add_argument("--model_dir", default="/tmp/qwen25-3b-shaped")
+    parser.add_argument("--tokenizer", default=".device/tok")
+    parser.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP"))
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+
+
 def build_random_model(path: str, tokenizer_path: str | None, shape: str = "3b") -> str:
     """Save a random-weight model (``shape`` "3b": Qwen2.5-Coder-3B's architecture; "tiny": the test model)."""
     import torch

@@ -30,8 +30,8 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_common import (build_random_model, load_qlora, mbpp_chat_prompt_ids, memory_snapshot,  # noqa: E402
-                        versions, write_json)
+from gpu_common import (add_model_args, build_random_model, load_qlora, mbpp_chat_prompt_ids,  # noqa: E402
+                        memory_snapshot, versions, write_json)
 
 
 def _sync():
@@ -274,15 +274,12 @@ def compiled_label(row):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["calibrate", "train", "eval"])
-    p.add_argument("--shape", choices=["3b", "tiny"], default="3b")
-    p.add_argument("--model_dir", default="/tmp/qwen25-3b-shaped")
-    p.add_argument("--tokenizer", default=".device/tok")
-    p.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP"))
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--plain_steps", type=int, default=48)
     p.add_argument("--lora_init_std", type=float, default=1e-3)
-    p.add_argument("--variants", default="separate:prefilter:eager,separate:prefilter:compiled,merge:sort:compiled",
+    p.add_argument("--variants", default="separate:prefilter:eager,separate:prefilter:compiled,separate:sort:compiled,"
+                   "merge:prefilter:compiled",
                    help="engine variants lora_mode:top_p_method[:compiled|:eager] (compile_decode; default: the "
                    "engine's own choice), comma-separated")
     p.add_argument("--follow", default="separate:prefilter",

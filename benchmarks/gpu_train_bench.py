@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_common import build_random_model, memory_snapshot, versions, write_json  # noqa: E402
+from gpu_common import add_model_args, build_random_model, memory_snapshot, versions, write_json  # noqa: E402
 
 
 class BenchReward:
@@ -379,11 +379,7 @@ def multi(opts):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["train", "eval", "multi"])
-    p.add_argument("--shape", choices=["3b", "tiny"], default="3b")
-    p.add_argument("--model_dir", default="/tmp/qwen25-3b-shaped")
-    p.add_argument("--tokenizer", default=".device/tok")
-    p.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP"))
-    p.add_argument("--max_new_tokens", type=int, default=512)
+    add_model_args(p)
     p.add_argument("--out", default=None)
     p.add_argument("--n_prompts", type=int, default=64)
     p.add_argument("--spark_steps", type=int, default=4)

@@ -192,6 +192,18 @@ def _exp_race(weights: torch.Tensor, generator=None) -> torch.Tensor:
     return (weights / noise).argmax(dim=-1)
 
 
+def _temperature_top_k(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """TemperatureLogitsWarper then TopKLogitsWarper (ties with the k-th value kept), in fp32."""
+    x = logits.float()
+    if params.temperature != 1.0:
+        x = x / params.temperature
+    if params.top_k and params.top_k > 0:
+        k = min(params.top_k, x.shape[-1])
+        kth = torch.topk(x, k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    return x
+
+
 def warp_logits(logits: torch.Tensor, params: SamplingParams, top_p_method: str = "bisect") -> torch.Tensor:
     """The logits after transformers' sampling warpers (removed tokens at -inf), computed exactly.
 
@@ -203,13 +215,7 @@ def warp_logits(logits: torch.Tensor, params: SamplingParams, top_p_method: str 
         >>> warp_logits(torch.tensor([[2.0, 1.0, 0.0]]), p).isinf().tolist()
         [[False, True, True]]
     """
-    x = logits.float()
-    if params.temperature != 1.0:
-        x = x / params.temperature
-    if params.top_k and params.top_k > 0:
-        k = min(params.top_k, x.shape[-1])
-        kth = torch.topk(x, k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
+    x = _temperature_top_k(logits, params)
     if params.top_p < 1.0:
         if top_p_method == "sort":
             keep = _top_p_keep_sort(x, params.top_p)
@@ -234,13 +240,7 @@ def sorted_weights(logits: torch.Tensor, params: SamplingParams):
         >>> ids.tolist(), (w > 0).tolist()
         ([[0, 2, 1]], [[False, False, True]])
     """
-    x = logits.float()
-    if params.temperature != 1.0:
-        x = x / params.temperature
-    if params.top_k and params.top_k > 0:
-        k = min(params.top_k, x.shape[-1])
-        kth = torch.topk(x, k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
+    x = _temperature_top_k(logits, params)
     sorted_x, ids = torch.sort(x, descending=False)
     w = sorted_x.softmax(dim=-1)
     if params.top_p < 1.0:
