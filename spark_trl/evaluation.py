@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 from .data import Problem
 from .prompts import SYSTEM_PROMPT, build_messages, extract_code
+from .reward import is_no_attempt
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +152,12 @@ class BenchmarkResult:
     per_problem: list[dict] = field(default_factory=list)  # task_id, n, c
     samples_path: str | None = None
     status_counts: dict[str, int] = field(default_factory=dict)
+    no_attempt_share: float | None = None  # samples that make no attempt (spark_trl.reward.is_no_attempt)
 
     def summary(self) -> dict:
         d = {f"pass@{k}": v for k, v in self.pass_at.items()}
-        d.update(problems=self.n_problems, samples_per_problem=self.n_samples, statuses=self.status_counts)
+        d.update(problems=self.n_problems, samples_per_problem=self.n_samples, statuses=self.status_counts,
+                 no_attempt_share=self.no_attempt_share)
         return d
 
 
@@ -348,7 +351,7 @@ def score_completions(problems: Sequence[Problem], completions: Sequence[Sequenc
                 "benchmark": name, "task_id": problem.task_id, "sample": j, "completion": completion,
                 "code": codes[k], "status": outcome.status.value, "error_type": _first_error_type(outcome),
                 "error_tail": outcome.error_tail, "tests_passed": outcome.passed, "tests_total": outcome.total,
-                "passed": outcome.all_passed})
+                "passed": outcome.all_passed, "no_attempt": is_no_attempt(codes[k], problem.entry_point)})
             k += 1
         records.append(record)
     return records
@@ -410,6 +413,8 @@ def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: Eva
         records = gather_object(records)
     records.sort(key=lambda r: r["index"])
     pass_at, per_problem, statuses = summarize(records, config.ks)
+    samples = [s for record in records for s in record["samples"]]
+    no_attempt = sum(bool(s.get("no_attempt")) for s in samples) / len(samples) if samples else None
     if samples_path is not None and state.is_main_process:
         samples_path = Path(samples_path)
         samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +426,7 @@ def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: Eva
         os.replace(tmp, samples_path)
     return BenchmarkResult(name=name, n_problems=len(per_problem), n_samples=config.n_samples, pass_at=pass_at,
                            per_problem=per_problem, samples_path=str(samples_path) if samples_path else None,
-                           status_counts=statuses)
+                           status_counts=statuses, no_attempt_share=no_attempt)
 
 
 def _executor(config: EvalConfig):

@@ -39,6 +39,7 @@ from trl.trainer import grpo_trainer as _trl_grpo
 from trl.trainer.utils import pad, split_tensor_dict, use_adapter
 
 from .configs import SparkGRPOConfig, check_group_sizes
+from .monitor import CollapseMonitor
 from .outcome import ExecutionOutcome
 from .recycling import AuxiliaryObjective, RecyclingObjective, Rollout
 
@@ -58,6 +59,7 @@ class SparkStats:
     rollouts: int = 0  # completions generated (all rounds)
     rollouts_with_outcome: int = 0  # completions whose reward function reported an ExecutionOutcome
     rollouts_passed: int = 0  # ... of which passed every test
+    rollouts_no_attempt: int = 0  # ... of which made no attempt (a stub; ExecutionOutcome.no_attempt)
     completion_tokens: int = 0
     reward_sum: float = 0.0
     reward_count: int = 0
@@ -80,6 +82,7 @@ class SparkStats:
 
         return {
             "train_pass_rate": ratio(self.rollouts_passed, self.rollouts_with_outcome),
+            "no_attempt_share": ratio(self.rollouts_no_attempt, self.rollouts_with_outcome),
             "mean_kl": ratio(self.kl_sum, self.kl_tokens),
             "mean_completion_tokens": ratio(self.completion_tokens, self.rollouts),
             "mean_reward": ratio(self.reward_sum, self.reward_count),
@@ -180,6 +183,10 @@ class SparkGRPOTrainer(GRPOTrainer):
         self._validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory)
 
         self._spark_callback = _SparkCallback()
+        # On by default: a reward that rises while the pass rate falls is the failure GRPO hides best.
+        mode = next((getattr(f, "mode", None) for f in reward_funcs if hasattr(f, "last_outcomes")), None) \
+            if isinstance(reward_funcs, (list, tuple)) else getattr(reward_funcs, "mode", None)
+        self.collapse_monitor = CollapseMonitor(window=args.collapse_window or 0, reward_mode=mode)
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -188,7 +195,7 @@ class SparkGRPOTrainer(GRPOTrainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             reward_processing_classes=reward_processing_classes,
-            callbacks=[self._spark_callback] + list(callbacks or []),
+            callbacks=[self._spark_callback, self.collapse_monitor] + list(callbacks or []),
             optimizers=optimizers,
             quantization_config=quantization_config,
             peft_config=peft_config,
@@ -519,10 +526,10 @@ class SparkGRPOTrainer(GRPOTrainer):
             len(groups), sum(size), sum(s > k0 for s in size), sum(no_variance), n, sum(lengths), saved,
             int(keep.sum()), sum(o.all_passed for o in with_outcome), len(with_outcome),
             float(rewards[finite].sum()), int(finite.sum()), float((rewards[finite] ** 2).sum()), truncated,
-            sum(len(p) for p in prompt_ids), generated_tokens[0],
+            sum(len(p) for p in prompt_ids), generated_tokens[0], sum(o.no_attempt for o in with_outcome),
         ]
         (n_groups, size_sum, topped, constant, n_all, tokens, saved, kept, passed, judged, r_sum, r_cnt, r_sq,
-         truncated, prompt_tokens, generated) = self._reduce_sum(local)
+         truncated, prompt_tokens, generated, no_attempt) = self._reduce_sum(local)
         hist = Counter(size)
         if self.accelerator.num_processes > 1:
             hist = Counter()
@@ -532,6 +539,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         st.rollouts += int(n_all)
         st.rollouts_with_outcome += int(judged)
         st.rollouts_passed += int(passed)
+        st.rollouts_no_attempt += int(no_attempt)
         st.completion_tokens += int(tokens)
         st.reward_sum += r_sum
         st.reward_count += int(r_cnt)
@@ -552,6 +560,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         m["spark/frac_sequences_in_loss"].append(kept / max(n_all, 1))
         if judged:
             m["spark/train_pass_rate"].append(passed / judged)
+            m["spark/no_attempt_share"].append(no_attempt / judged)
         mean_r = r_sum / max(r_cnt, 1)
         m["reward"].append(mean_r)
         m["reward_std"].append(math.sqrt(max(r_sq / max(r_cnt, 1) - mean_r ** 2, 0.0) * r_cnt / max(r_cnt - 1, 1)))
