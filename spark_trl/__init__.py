@@ -11,3 +11,4 @@ from .prompts import SYSTEM_PROMPT, extract_code  # noqa: F401
 from .configs import SparkGRPOConfig  # noqa: F401
 from .trainer import SparkGRPOTrainer  # noqa: F401
 from .reward import ExecutionReward  # noqa: F401
+from .code_eval import code_eval_path  # noqa: F401
