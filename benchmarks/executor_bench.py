@@ -170,7 +170,8 @@ def run_spark(executor, Job, samples, timeout):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP") or str(REPO / "tests/data/sanitized-mbpp.json"),
+    shipped = REPO / "tests" / "data" / "sanitized-mbpp.json"
+    parser.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP") or str(shipped),
                         help="MBPP-sanitized .json (default: $SPARK_TRL_MBPP, else tests/data/sanitized-mbpp.json)")
     parser.add_argument("--workers", type=int, default=None, help="judges / concurrent forks (default: CPUs)")
     parser.add_argument("--loops", type=int, default=6, help="size of the infinite-loop slice")

@@ -135,7 +135,8 @@ def honest_cases(mbpp_problems) -> tuple[list[list[str]], list[str]]:
     case(["def add(a, b):\n    while True:\n        pass", "def add(a, b):\n    print('hi')\n    return a + b"],
          "assert add(1, 2) == 3")
     case(["def f(x):\n    return x if x < 3 else 0", "def f(x):\n    return x"], "assert f(1) == 1\nassert f(5) == 5")
-    case(["def push(xs):\n    xs.append(1)", "def push(xs):\n    return xs + [1]"], "ys = []\npush(ys)\nassert ys == [1]")
+    case(["def push(xs):\n    xs.append(1)", "def push(xs):\n    return xs + [1]"],
+         "ys = []\npush(ys)\nassert ys == [1]")
     case(["import math\ndef area(r):\n    return math.pi * r * r", "def area(r):\n    return 3.14 * r * r"],
          "assert abs(area(1) - math.pi) < 1e-9")
     return predictions, references

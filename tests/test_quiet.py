@@ -105,8 +105,8 @@ def test_dataset_and_completion_code_compiles_without_warnings():
     from spark_trl.prompts import extract_code
     from spark_trl.sandbox import Executor, Job
 
-    row = {"task_id": 1, "prompt": "Find the digits.", "code": ESCAPE, "test_list": ["assert digits('a1b22') == ['1', '22']",
-                                                                                     "assert '\\d' != 1"]}
+    row = {"task_id": 1, "prompt": "Find the digits.", "code": ESCAPE,
+           "test_list": ["assert digits('a1b22') == ['1', '22']", "assert '\\d' != 1"]}
     with recorded(install=False) as caught:  # the control: compiling this source does warn
         compile(ESCAPE, "<my code>", "exec")
     assert [w.category for w in caught] == [SyntaxWarning if sys.version_info >= (3, 12) else DeprecationWarning]
