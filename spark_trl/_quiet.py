@@ -3,10 +3,10 @@
 Each filter names one message and the module that emits it; nothing else is hidden (no blanket ignore, no
 change of log levels). ``install()`` runs when ``spark_trl`` is imported, before anything imports bitsandbytes.
 
-* bitsandbytes (0.49+), at import on CPUs with AVX512-BF16: ``Failed to load CPU gemm_4bit_forward from
+* bitsandbytes (0.50), at import on CPUs with AVX512-BF16: ``Failed to load CPU gemm_4bit_forward from
   kernels-community: No module named 'kernels'``. The optional ``kernels`` package would download a kernel from
   the Hugging Face hub; without it bitsandbytes uses its own CPU kernel, which is what spark-trl runs on CPU.
-  Only the ``ImportError`` case is dropped: with ``kernels`` installed, a failed download still warns.
+  Only the missing-package case is dropped: with ``kernels`` installed, a failed download still warns.
 * transformers 5 renamed ``gradient_checkpointing*`` to ``activation_checkpointing*`` and warns (FutureWarning) on
   every use of the old names. TRL 1.16 and PEFT use them internally: TRL's configs default
   ``gradient_checkpointing=True``, and GRPOTrainer reads ``model.is_gradient_checkpointing`` and toggles
@@ -14,7 +14,7 @@ change of log levels). ``install()`` runs when ``spark_trl`` is imported, before
 * Compiling dataset and model-written code warns about that code (``invalid escape sequence '\\d'`` in an MBPP
   reference: a SyntaxWarning since Python 3.12, a DeprecationWarning before). spark-trl compiles such code only
   under the pseudo file names below, so the filter matches those names and nothing of the user's own code.
-  (The sandbox's judge processes are separate interpreters; see ``spark_trl.sandbox``.)
+  (The sandbox's judge processes are separate interpreters, which these filters do not reach.)
 """
 
 from __future__ import annotations
