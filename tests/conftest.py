@@ -21,6 +21,14 @@ MBPP_PATH = Path(os.environ.get("SPARK_TRL_MBPP") or SHIPPED_MBPP)
 os.environ["SPARK_TRL_MBPP"] = str(MBPP_PATH)
 
 
+def pytest_configure(config):
+    # spark-trl installs its warning filters when imported; pytest imports it inside collection's own
+    # catch_warnings, which drops them again. Installed here, before collection, they hold for every test.
+    from spark_trl import _quiet
+
+    _quiet.install()
+
+
 @pytest.fixture(scope="session")
 def mbpp_path() -> Path:
     if not MBPP_PATH.is_file():
