@@ -80,7 +80,7 @@ S = "/"
     f"    {S}srv/envs/venv/bin/python x.py",
     "python bench.py --tokenizer ." + "device/tok",
     "cp -r ." + "dev2/. somewhere",
-    "Machines: the `device`" + " tool's nvidia-h100" + "-x1",
+    "Machines: the `device`" + " tool's nvidia-h" + "100-x1",
     "Device" + " time used: 3 min",
     "over one" + " session on 2026-11-25",
 ])
