@@ -1,10 +1,11 @@
 """spark-trl's built-in problem set: small, original Python problems in MBPP's format, for the demo and tests.
 
-48 training problems (``train.json``) and 12 held-out ones (``heldout.json``), written for spark-trl, each
-with a reference solution and three asserts. They are easy on purpose: a 135M-parameter instruct model solves
-some of them, which is what a GRPO run needs to have a learning signal at all (a group whose rollouts all
-fail has zero advantage). Rows use MBPP-sanitized field names (``task_id``, ``prompt``, ``code``,
-``test_imports``, ``test_list``), so ``spark_trl.data.load_problems`` reads the files as they are.
+163 training problems (``train.json``) and 62 held-out ones (``heldout.json``), written for spark-trl, each
+with a reference solution and three or four asserts. They are easy on purpose: a 135M-parameter instruct model
+solves some of them, which is what a GRPO run needs to have a learning signal at all (a group whose rollouts
+all fail has zero advantage). At least two asserts of every problem fail for a program that ignores the task
+(a constant, an echo of its first argument). Rows use MBPP-sanitized field names (``task_id``, ``prompt``,
+``code``, ``test_imports``, ``test_list``), so ``spark_trl.data.load_problems`` reads the files as they are.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ def builtin_path(split: str = "train") -> Path:
 
 
 def load_builtin(split: str = "train") -> list[Problem]:
-    """The built-in problems of ``split`` (``train``: 48, ``heldout``: 12), task ids ``Builtin/<n>``.
+    """The built-in problems of ``split`` (``train``: 163, ``heldout``: 62), task ids ``Builtin/<n>``.
 
     Example:
     ```python
     >>> problems = load_builtin("heldout")
     >>> len(problems), problems[0].task_id, problems[0].entry_point
-    (12, 'Builtin/9901', 'triple')
+    (62, 'Builtin/9901', 'triple')
     ```
     """
     return [dataclasses.replace(p, task_id=f"{TASK_PREFIX}/{p.number}") for p in load_problems(builtin_path(split))]
