@@ -13,7 +13,11 @@ and the remedy:
   its train pass rate is below it, both by more than noise (``min_reward_rise``, ``min_pass_drop``); or the
   no-attempt share of the second half reaches ``max_no_attempt``;
 * iterations (``check_iterations``, called by the study runner with its results rows): the reward rose while the
-  train pass rate or the held-out pass@1 fell, ``patience`` iterations in a row.
+  train pass rate or the held-out pass@1 fell, ``patience`` iterations in a row; or the no-attempt share of the
+  training rollouts or of an evaluation set reaches ``max_no_attempt`` (the collapse measured under the study's
+  scoring: held-out no-attempt share 0.98 at iteration 3 while the mean reward barely moved).
+
+It also warns once when the loss, KL or gradient norm stops being finite (the weights diverged).
 
 SparkGRPOTrainer adds one by default (``SparkGRPOConfig.collapse_window``); plain TRL users can add it as any
 callback: ``GRPOTrainer(..., callbacks=[CollapseMonitor()])`` (it reads TRL's ``reward`` and the reward's
@@ -94,6 +98,9 @@ class CollapseMonitor(TrainerCallback):
         self.history: list[tuple[float, float, float | None]] = []  # (reward, pass rate, no-attempt share)
         self.fired = False
         self.message: str | None = None
+        self._taken = False
+        self.diverged = False
+        self.divergence_message: str | None = None
 
     # ------------------------------------------------------------------------------------------ steps
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -102,6 +109,7 @@ class CollapseMonitor(TrainerCallback):
 
     def observe(self, logs: dict, step: int | None = None) -> None:
         """One logged step's metrics; checks the trailing window."""
+        self._check_finite(logs, step)
         reward, passed = _first(logs, ("reward",)), _first(logs, PASS_KEYS)
         if reward is None or passed is None:
             return  # not a training log (evaluation, epoch summary)
@@ -130,6 +138,15 @@ class CollapseMonitor(TrainerCallback):
         if self.fired:
             return False
         rows = sorted(rows, key=lambda r: r["iteration"])
+        last = rows[-1] if rows else {}
+        shares = {k: _num(v) for k, v in last.items() if (k == "no_attempt" or k.endswith("/no_attempt"))
+                  and _num(v) is not None}
+        if last.get("iteration", 0) >= 1 and shares and max(shares.values()) >= self.max_no_attempt:
+            key = max(shares, key=shares.get)
+            self._warn(f"iteration {last['iteration']}", None, last.get("reward"), None,
+                       last.get(eval_key or "train_pass_rate"), shares[key], stopped_trying=True,
+                       pass_name=eval_key or "train pass rate", na_name=key)
+            return True
         streak, first = 0, None
         for prev, cur in zip(rows, rows[1:]):
             rose = _num(cur.get("reward")) is not None and _num(prev.get("reward")) is not None \
@@ -146,11 +163,15 @@ class CollapseMonitor(TrainerCallback):
         return False
 
     # ------------------------------------------------------------------------------------------ the warning
-    def _warn(self, where, r0, r1, p0, p1, no_attempt, stopped_trying=False, pass_name="train pass rate"):
+    def _warn(self, where, r0, r1, p0, p1, no_attempt, stopped_trying=False, pass_name="train pass rate",
+              na_name="no-attempt share"):
         self.fired = True
-        facts = f"mean reward {_f(r0)} -> {_f(r1)}, {pass_name} {_f(p0)} -> {_f(p1)}"
+        if r0 is None:
+            facts = f"mean reward {_f(r1)}, {pass_name} {_f(p1)}"
+        else:
+            facts = f"mean reward {_f(r0)} -> {_f(r1)}, {pass_name} {_f(p0)} -> {_f(p1)}"
         if no_attempt is not None:
-            facts += f", no-attempt share {_f(no_attempt)}"
+            facts += f", {na_name} {_f(no_attempt)}"
         what = ("most completions make no attempt at the task" if stopped_trying
                 else "the reward rose while the pass rate fell")
         if self.reward_mode == "study":
@@ -167,10 +188,40 @@ class CollapseMonitor(TrainerCallback):
         logger.warning(self.message)
         warnings.warn(self.message, CollapseWarning, stacklevel=2)
 
+    def take_message(self) -> str | None:
+        """The warning once, for whoever records it (the study runner puts it in the iteration's row)."""
+        if self.fired and not self._taken:
+            self._taken = True
+            return self.message
+        return None
+
+    # ------------------------------------------------------------------------------------------ divergence
+    def _check_finite(self, logs: dict, step: int | None) -> None:
+        """A NaN or infinite loss, KL or gradient norm: the weights are (or are about to be) broken, and every
+        later completion is noise. Seen with SmolLM2 at lr 5e-5 and fixed groups of 8 (docs/benchmarks.md)."""
+        if self.diverged:
+            return
+        bad = [k for k in ("loss", "kl", "grad_norm") if k in logs and _is_nonfinite(logs[k])]
+        if bad:
+            self.diverged = True
+            self.divergence_message = (
+                f"Training diverged at step {step}: {', '.join(bad)} not finite. The policy's weights are likely "
+                "NaN and every later completion is noise. Remedy: resume from the last checkpoint with a lower "
+                "learning_rate, a larger beta or a smaller max_grad_norm.")
+            logger.warning(self.divergence_message)
+            warnings.warn(self.divergence_message, CollapseWarning, stacklevel=2)
+
 
 def _fell(prev: dict, cur: dict, key: str, relative: float) -> bool:
     a, b = _num(prev.get(key)), _num(cur.get(key))
     return a is not None and b is not None and b < a * (1 - relative)
+
+
+def _is_nonfinite(value) -> bool:
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _num(value) -> float | None:

@@ -675,9 +675,12 @@ class StudyRunner:
         self.state["rows"].append(row)
         self.state["rows"].sort(key=lambda r: r["iteration"])
         monitor = getattr(trainer, "collapse_monitor", None)
-        if monitor is not None and iteration >= 1 and monitor.check_iterations(
-                self.state["rows"], eval_key=_primary_pass_key(self.state["rows"], list(self.eval_sets))):
-            row["collapse_warning"] = monitor.message
+        if monitor is not None and iteration >= 1:
+            monitor.check_iterations(self.state["rows"],
+                                     eval_key=_primary_pass_key(self.state["rows"], list(self.eval_sets)))
+            message = monitor.take_message()  # fired now, or during the iteration's steps
+            if message:
+                row["collapse_warning"] = message
         if _is_main():
             write_results(self.output_dir, self.state["rows"], list(self.eval_sets))
             logger.info("iteration %d: %s", iteration, row)

@@ -135,3 +135,31 @@ def test_rows_table_and_summary_show_no_attempt_and_the_warning():
     line = iteration_summary(rows[4], rows, ["heldout"], 6)
     assert line.startswith("iteration 4/6 | heldout pass@1 0.000 (-0.158) | train pass rate 0.005 | no-attempt 0.90")
     assert "WARNING: Training may be collapsing" in line and "training 50 s, eval 5 s" in line
+
+
+def test_iteration_check_fires_when_most_samples_stop_trying_even_if_the_reward_is_flat():
+    # The study-scoring seed that collapsed on the GPU: held-out no-attempt 0.92 at iteration 2, reward flat.
+    rows = [{"iteration": 0, "heldout/pass@1": 0.385, "heldout/no_attempt": 0.05},
+            {"iteration": 1, "heldout/pass@1": 0.256, "train_pass_rate": 0.07, "reward": 0.020, "no_attempt": 0.355,
+             "heldout/no_attempt": 0.381},
+            {"iteration": 2, "heldout/pass@1": 0.039, "train_pass_rate": 0.058, "reward": 0.029, "no_attempt": 0.607,
+             "heldout/no_attempt": 0.916}]
+    monitor = CollapseMonitor(reward_mode="study")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not monitor.check_iterations(rows[:2], eval_key="heldout/pass@1")
+    with pytest.warns(CollapseWarning, match="make no attempt"):
+        assert monitor.check_iterations(rows, eval_key="heldout/pass@1")
+    assert "iteration 2" in monitor.message and "heldout/no_attempt 0.916" in monitor.message
+    assert monitor.take_message() == monitor.message and monitor.take_message() is None  # recorded once
+
+
+def test_non_finite_loss_or_kl_warns_once_as_divergence():
+    monitor = CollapseMonitor(window=4)
+    monitor.observe({"loss": 0.1, "kl": 0.05, "reward": 0.3, "spark/train_pass_rate": 0.3}, step=1)
+    with pytest.warns(CollapseWarning, match="diverged at step 2: kl not finite"):
+        monitor.observe({"loss": 0.1, "kl": float("nan"), "reward": 0.3, "spark/train_pass_rate": 0.3}, step=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.observe({"loss": float("inf"), "kl": float("nan")}, step=3)
+    assert monitor.diverged and not monitor.fired
