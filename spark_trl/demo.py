@@ -261,7 +261,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     print(f"spark-trl demo: {args.recipe} on {model_args.model_name_or_path} ({device}{threads})\n"
           f"  train: {n_train} problems x {study.iterations} iteration(s), groups of {training_args.min_generations}"
           f" up to {training_args.max_generations}, {training_args.max_completion_length} new tokens, "
-          f"lr {training_args.learning_rate:g}, KL coefficient {training_args.beta:g}\n"
+          f"lr {training_args.learning_rate:g}, KL coefficient {training_args.beta:g}, "
+          f"reward_mode {study.reward_mode}\n"
           f"  evaluate: {sets}, {study.eval_n_samples} samples each, temperature {study.eval_temperature:g}\n"
           f"  output: {training_args.output_dir}", flush=True)
     command = "spark-trl demo " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

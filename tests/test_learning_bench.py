@@ -1,0 +1,58 @@
+"""benchmarks/gpu_learning_bench.py's report on CPU: per-iteration spread over seeds, the per-run verdict, the
+collapse marker and the time-to-accuracy arithmetic, from results files laid out as the runs write them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("gpu_learning_bench", REPO / "benchmarks" / "gpu_learning_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(root: Path, name: str, series: list[tuple[float, float]], warn_at: int | None = None):
+    (root / name).mkdir(parents=True)
+    rows = []
+    for i, (pass1, seconds) in enumerate(series):
+        row = {"iteration": i, "builtin-heldout/pass@1": pass1, "builtin-heldout/pass@5": pass1 + 0.1,
+               "train_seconds": seconds}
+        if i:
+            row.update(train_pass_rate=0.1 * i, reward=0.1 * i, kl=0.001 * i, no_attempt=0.0)
+        if warn_at == i:
+            row["collapse_warning"] = "Training may be collapsing"
+        rows.append(row)
+    (root / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_spreads_verdicts_and_time_to_accuracy(tmp_path):
+    learn, plain, out = tmp_path / "learn", tmp_path / "plain", tmp_path / "out"
+    _run(learn, "progress-seed0", [(0.2, 0), (0.3, 50), (0.4, 100)])
+    _run(learn, "progress-seed1", [(0.2, 0), (0.25, 60), (0.35, 120)])
+    _run(learn, "study-seed0", [(0.2, 0), (0.05, 55), (0.0, 110)], warn_at=2)
+    plain.mkdir()
+    points = [{"step": 0, "train_seconds": 0.0, "pass@1": 0.2}, {"step": 5, "train_seconds": 200.0, "pass@1": 0.3},
+              {"step": 9, "train_seconds": 400.0, "pass@1": 0.3}]
+    (plain / "plain.json").write_text(json.dumps({"points": points}))
+    assert _bench().main(["report", "--learn", str(learn), "--plain", str(plain), "--out", str(out)]) == 0
+    summary = json.loads((out / "learning.json").read_text())
+    progress = summary["modes"]["progress"]
+    assert progress["per_iteration"][2]["builtin-heldout/pass@1"] == {"mean": 0.375, "min": 0.35, "max": 0.4, "n": 2}
+    assert progress["per_run"]["progress-seed0"] == {"base": 0.2, "last": 0.4, "iterations": 2, "ratio": 2.0,
+                                                      "gain": 0.2, "collapse_warning_at": None}
+    assert summary["modes"]["study"]["per_run"]["study-seed0"]["collapse_warning_at"] == 2
+    # The plain run first reaches its final 0.3 at 200 s; seed 0 at 50 s (4x), seed 1 at 120 s (iteration 2).
+    tta = summary["time_to_accuracy"]
+    assert tta["plain_seconds_to_final"] == 200.0
+    assert tta["spark"]["progress-seed0"] == {"seconds": 50, "iteration": 1, "speedup": 4.0}
+    assert tta["spark"]["progress-seed1"] == {"seconds": 120, "iteration": 2, "speedup": 1.7}
+    assert "study-seed0" not in tta["spark"]  # compared: the progress runs
+    for png in ("learning.png", "time_to_accuracy.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| progress-seed0 | 0.2 | 0.4 | 2.0 | 0.2 | 2 | no |" in (out / "learning.md").read_text()
