@@ -49,7 +49,7 @@ DEMO_COMMON: dict[str, Any] = dict(
     checkpoint_steps=0,
 )
 DEMO_SIZES: dict[str, dict[str, Any]] = {
-    "cpu": dict(DEMO_COMMON, iterations=2, max_completion_length=128, eval_max_new_tokens=128,
+    "cpu": dict(DEMO_COMMON, iterations=1, max_completion_length=128, eval_max_new_tokens=128,
                 per_device_train_batch_size=8, gradient_accumulation_steps=2, eval_n_samples=5, eval_batch_size=40),
     # One generation round per step (prefetch: a decoding step costs the same at batch 64 as at 16 on a GPU), 16
     # problems per optimizer step, 10 steps per pass over the 160 built-in problems.
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None,
                         help="where results and checkpoints go (default: runs/demo-<UTC time>, a new folder "
                              "each run so that nothing is overwritten)")
-    parser.add_argument("--iterations", type=int, default=None, help="GRPO iterations (demo: 2 on a CPU, 6 on a GPU)")
+    parser.add_argument("--iterations", type=int, default=None, help="GRPO iterations (demo: 1 on a CPU, 6 on a GPU)")
     parser.add_argument("--train_problems", type=int, default=None,
                         help=f"training problems (demo: the first {DEMO_TRAIN_PROBLEMS} built-in ones on a CPU, all of "
                              "them on a GPU)")
