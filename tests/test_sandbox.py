@@ -237,7 +237,7 @@ def test_order_kept_and_parallel(ex):
 
 
 def test_stale_work_dirs_of_dead_judges_are_removed(tmp_path):
-    from spark_trl.sandbox import _remove_stale_roots
+    from spark_trl.sandbox.workdir import remove_stale_roots as _remove_stale_roots
 
     dead = tmp_path / "spark-trl-judge-999999999-abc"  # above pid_max: no such process
     alive = tmp_path / f"spark-trl-judge-{os.getpid()}-abc"

@@ -1,0 +1,515 @@
+"""The trusted judge: runs every test itself, against the program living in an untrusted runner.
+
+A judge is a fresh interpreter (``python -I -S -B``, scrubbed environment; see ``executor.py``) that imports
+the common stdlib modules, forks its zygote before it has seen any job, then serves jobs from its caller: it
+compiles the program (a failure is a syntax error, no process needed), asks the zygote for a runner and runs
+each test in a fresh namespace of builtins + the test setup, where each name the test needs from the program
+is a ``RemoteObject``: calling it sends the arguments to the runner as plain data and decodes the result.
+
+A test passes only when the judge ran it to the end without an exception. Its class comes from what happened:
+the test's own ``AssertionError`` is a wrong answer; an exception the program raised, a runner that died or
+sent junk, or any other exception is a runtime error; the judge's deadline is a timeout.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import select
+import shutil
+import signal
+import socket
+import pickle
+import time
+import traceback
+
+from . import isolation, landlock, wire, workdir, zygote
+from .runner import ERROR_TAIL, tail
+
+
+class RemoteError(Exception):
+    """An exception raised by the program in the runner (only its type name and traceback tail cross)."""
+
+    def __init__(self, error_type: str, error_tail: str):
+        super().__init__(error_type)
+        self.error_type, self.error_tail = error_type, error_tail
+
+
+class RunnerGone(BaseException):
+    """The runner died or broke the protocol: the test fails as a runtime error and the runner is replaced."""
+
+
+class LoadFailed(BaseException):
+    """The program failed to load: every test gets this result."""
+
+    def __init__(self, status: str, error_type: str, error_tail: str):
+        super().__init__(error_tail)
+        self.status, self.error_type, self.error_tail = status, error_type, error_tail
+
+
+# ============================================================================================= runners
+
+
+class RunnerConnection:
+    """The judge's view of one runner: its socket and, once the zygote's reply is read, its pid and pidfd."""
+
+    def __init__(self, sock: socket.socket, judge: "Judge"):
+        self.sock, self.judge = sock, judge
+        self.pid: int | None = None
+        self.pidfd: int | None = None
+        self.remote_objects: dict = {}
+        self.deadline: float | None = None
+        self.dead = False
+        self.loaded = False
+
+    def attach(self) -> None:
+        """Read the zygote's reply to our spawn: the pid (meaningful only without a pid namespace) and pidfd."""
+        if self.pidfd is None:
+            msg, fds, _, _ = socket.recv_fds(self.judge.zygote_sock, 8, 1)
+            if len(msg) != 8 or len(fds) != 1:
+                raise SystemExit("the zygote died")
+            self.pidfd = fds[0]
+            # Under a pid namespace the zygote's pid numbers mean nothing here: the pidfd is the handle.
+            self.pid = None if self.judge.cfg["pidns"] else wire.HANDLE_ID.unpack(msg)[0]
+
+    def remote(self, ref) -> "RemoteObject":
+        obj = self.remote_objects.get(ref)
+        if obj is None:
+            obj = self.remote_objects[ref] = RemoteObject(self, ref)
+        return obj
+
+    def _next_message(self):
+        """The next message; the runner's one-way load report comes first and is consumed here."""
+        while True:
+            try:
+                msg = wire.decode(wire.recv_frame(self.sock, self.deadline), self.remote)
+            except wire.DeadlineExpired:
+                if not self.loaded:
+                    raise LoadFailed("timeout", "Timeout", "the program did not finish loading before the deadline")
+                raise
+            except (wire.Closed, BrokenPipeError, ConnectionResetError):
+                self.dead = True
+                if not self.loaded:
+                    raise LoadFailed("runtime_error", "ProcessDied", "the program's process died while loading")
+                raise RunnerGone("the program's process died") from None
+            except wire.WireError:
+                self.dead = True
+                raise RunnerGone("the program's process sent an invalid frame") from None
+            if self.loaded:
+                return msg
+            if msg == ("ready",):
+                self.loaded = True
+                continue
+            self.dead = True
+            if type(msg) is tuple and len(msg) == 3 and msg[0] == "loaderr":
+                raise LoadFailed("runtime_error", str(msg[1])[:200], str(msg[2])[-ERROR_TAIL:])
+            raise LoadFailed("runtime_error", "ProtocolError", "the program's process sent an invalid message")
+
+    def request(self, *req):
+        """Send one request, return ``(value, mutations)``; the program's exception raises ``RemoteError``."""
+        def to_ref(obj):
+            if type(obj) is RemoteObject and obj._connection is self:
+                return obj._ref
+            raise wire.Unencodable(f"cannot send a {type(obj).__name__} to the program")
+
+        if self.dead:
+            raise RunnerGone("the program's process is gone")
+        try:
+            data = wire.encode(req, to_ref)
+        except wire.Unencodable as exc:
+            raise TypeError(str(exc)) from None
+        try:
+            wire.send_frame(self.sock, data)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # a dead runner shows as EOF on the read below
+        reply = self._next_message()
+        if type(reply) is not tuple or not reply:
+            self.dead = True
+            raise RunnerGone("the program's process sent an invalid reply")
+        if reply[0] == "ok" and len(reply) == 3:
+            return reply[1], reply[2]
+        if reply[0] == "err" and len(reply) == 3:
+            raise RemoteError(str(reply[1])[:200], str(reply[2])[-ERROR_TAIL:])
+        self.dead = True
+        raise RunnerGone("the program's process sent an invalid reply")
+
+    def kill(self) -> None:
+        """SIGKILL the runner (and its session when its pid means something here), wait until it is gone.
+        Under a pid namespace the zygote then sweeps the namespace."""
+        self.attach()
+        try:
+            if not self._exited():
+                if self.pid is not None:
+                    try:  # checked alive just above, so the pid has not been reused
+                        os.killpg(self.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+        # The runner's socket end closes only when every process holding it (the runner) has exited.
+        end = time.monotonic() + 5.0
+        try:
+            self.sock.setblocking(False)
+            while time.monotonic() < end:
+                readable, _, _ = select.select([self.sock], [], [], 0.05)
+                if readable:
+                    try:
+                        if not self.sock.recv(1 << 16):
+                            break
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        break
+        finally:
+            self.sock.close()
+            select.select([self.pidfd], [], [], max(0.0, end - time.monotonic()))
+            os.close(self.pidfd)
+            self.dead = True
+
+    def _exited(self) -> bool:
+        readable, _, _ = select.select([self.pidfd], [], [], 0)
+        return bool(readable)
+
+
+class RemoteObject:
+    """A program object that is not plain data, living in the runner. Usable as an argument of later calls,
+    callable, and its attributes/items/iteration are fetched remotely; equal only to itself."""
+
+    __slots__ = ("_connection", "_ref")
+
+    def __init__(self, connection, ref):  # ref: a handle id, or the name of a global of the program
+        object.__setattr__(self, "_connection", connection)
+        object.__setattr__(self, "_ref", ref)
+
+    def __call__(self, *args, **kwargs):
+        value, mutations = self._connection.request("call", self._ref, args, kwargs)
+        for i, new in mutations if type(mutations) is list else ():
+            if type(i) is int and 0 <= i < len(args):
+                _copy_back(args[i], new)
+        return value
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._connection.request("getattr", self._ref, name)[0]
+
+    def __iter__(self):
+        value = self._connection.request("iter", self._ref)[0]
+        return iter(value if type(value) is list else [])
+
+    def __len__(self):
+        try:
+            value = self._connection.request("len", self._ref)[0]
+        except RemoteError as exc:  # list(obj) asks for a length hint first: unsized is no error there
+            raise TypeError(f"remote len() failed: {exc}") from None
+        if type(value) is not int:
+            raise TypeError("remote len() did not return an int")
+        return value
+
+    def __bool__(self):
+        return self._connection.request("bool", self._ref)[0] is True
+
+    def __str__(self):
+        value = self._connection.request("str", self._ref)[0]
+        return value if type(value) is str else "<remote object>"
+
+    def __getitem__(self, key):
+        return self._connection.request("getitem", self._ref, key)[0]
+
+    def __contains__(self, item):
+        return self._connection.request("contains", self._ref, item)[0] is True
+
+    def __repr__(self):
+        return f"<remote object {self._ref!r}>"
+
+
+def _copy_back(arg, new) -> None:
+    """Apply a call's in-place mutation of a list/dict/set/bytearray argument (decoded: plain data)."""
+    if type(arg) is list and type(new) is list:
+        arg[:] = new
+    elif type(arg) is dict and type(new) is dict:
+        arg.clear()
+        arg.update(new)
+    elif type(arg) is set and type(new) is set:
+        arg.clear()
+        arg.update(new)
+    elif type(arg) is bytearray and type(new) is bytearray:
+        arg[:] = new
+
+
+# =============================================================================================== tests
+
+
+def _names_of(code) -> set[str]:
+    """Every global-ish name a code object (and its nested code) may look up."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _names_of(const)
+    return names
+
+
+_STORE_OPS = None
+
+
+def stored_names(code) -> set[str]:
+    """Names a program binds at top level (def, class, import, assignment) or declares ``global``: a scan of
+    the raw bytecode for STORE_NAME/STORE_GLOBAL (``dis`` is ten times slower)."""
+    global _STORE_OPS
+    if _STORE_OPS is None:
+        import dis
+
+        _STORE_OPS = (dis.opmap["STORE_NAME"], dis.opmap["STORE_GLOBAL"], dis.opmap["EXTENDED_ARG"])
+    store_name, store_global, extended = _STORE_OPS
+    names = set()
+    raw, co_names, ext = code.co_code, code.co_names, 0
+    for i in range(0, len(raw) - 1, 2):
+        op, arg = raw[i], raw[i + 1] | ext
+        ext = (arg << 8) if op == extended else 0
+        if (op == store_name or op == store_global) and arg < len(co_names):
+            names.add(co_names[arg])
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            names |= stored_names(const)
+    return names
+
+
+def classify(exc: BaseException) -> tuple[str, str | None, str]:
+    """(status, error type, error tail) of the exception that ended a test."""
+    if isinstance(exc, wire.DeadlineExpired):
+        return "timeout", "Timeout", "the test did not finish before the deadline"
+    if isinstance(exc, RemoteError):
+        return "runtime_error", exc.error_type, exc.error_tail
+    if isinstance(exc, RunnerGone):
+        return "runtime_error", "ProcessDied", str(exc)
+    error_tail = tail("".join(traceback.format_exception_only(type(exc), exc)))
+    if type(exc) is AssertionError:
+        return "wrong_answer", "AssertionError", error_tail
+    return "runtime_error", type(exc).__name__, error_tail
+
+
+class _DeadlineTimer:
+    """A SIGALRM backstop on the judge's own work in a test (it is trusted, but its inputs are not)."""
+
+    def __init__(self):
+        signal.signal(signal.SIGALRM, self._fire)
+
+    @staticmethod
+    def _fire(signum, frame):
+        raise wire.DeadlineExpired()
+
+    @staticmethod
+    def arm(seconds: float):
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+
+    @staticmethod
+    def disarm():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class Judge:
+    def __init__(self, caller_in: int, caller_out: int, cfg: dict, root: str):
+        self.caller_in, self.caller_out, self.cfg, self.root = caller_in, caller_out, cfg, root
+        self.pending: RunnerConnection | None = None
+        self.compiled: dict = {}
+        self.timer = _DeadlineTimer()
+        theirs, self.zygote_sock = socket.socketpair()
+        self.zygote_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        ruleset = None
+        if cfg["landlock"]:
+            ruleset = landlock.ruleset(landlock.python_read_paths() + ["/dev/null"], [root])
+        pid = os.fork()
+        if pid == 0:
+            self.zygote_sock.close()
+            for fd in (self.caller_in, self.caller_out):
+                os.close(fd)
+            try:
+                zygote.boot(theirs, cfg, root, ruleset)
+            finally:
+                os._exit(0)
+        self.zygote_pid = pid
+        theirs.close()
+        if ruleset is not None:
+            os.close(ruleset)
+
+    # ---------------------------------------------------------------- runners
+    def spawn(self, setup: str, code: str, memory_mb: int, cpu_seconds: int) -> RunnerConnection:
+        """Ask the zygote for a runner on a socket pair of ours; one-way (its reply is read at kill time), so
+        the first test's request is already queued when the runner starts serving."""
+        mine, theirs = socket.socketpair()
+        try:
+            socket.send_fds(self.zygote_sock, [zygote.SPAWN], [theirs.fileno()])
+            wire.send_frame(self.zygote_sock, pickle.dumps({"setup": setup, "code": code, "memory_mb": memory_mb,
+                                                            "cpu_seconds": cpu_seconds}))
+        except OSError:
+            raise SystemExit("the zygote died") from None
+        finally:
+            theirs.close()
+        return RunnerConnection(mine, self)
+
+    def cleanup(self, connection: RunnerConnection) -> None:
+        connection.kill()
+        if self.cfg["pidns"]:
+            self.zygote_sock.sendall(zygote.SWEEP)
+        workdir.empty(self.root)
+
+    def finish(self) -> None:
+        """Kill the last runner of a job and clean its files (after the result went out)."""
+        connection, self.pending = self.pending, None
+        if connection is not None:
+            self.cleanup(connection)
+
+    # ---------------------------------------------------------------- jobs
+    def run_job(self, job: dict) -> dict:
+        """Every test of one job. The last runner is left for ``finish()``, called after the reply is sent."""
+        t0 = time.perf_counter()
+        tests = job["tests"]
+        code = job["code"]
+        results: list = []
+        try:
+            program = compile(code, "<program>", "exec", dont_inherit=True)
+        except BaseException as exc:  # SyntaxError, ValueError (null bytes), UnicodeError, RecursionError...
+            error_tail = tail("".join(traceback.format_exception_only(type(exc), exc)))
+            results = [("syntax_error", 0.0, type(exc).__name__, error_tail)] * len(tests)
+            return {"tests": results, "duration": time.perf_counter() - t0}
+        setup_code = self._compiled(job["setup"], "<setup>")
+        test_codes = [self._compiled(t, f"<test {i}>") for i, t in enumerate(tests)]
+        timeout = float(job["timeout"])
+        cpu = int(timeout * (len(tests) + 1)) + 2
+        connection: RunnerConnection | None = None
+        program_names: list = []  # the program's top-level names, computed when a test needs them
+        load_failure = None
+        try:
+            for test_code in test_codes:
+                start = time.perf_counter()
+                deadline = time.monotonic() + timeout
+                if load_failure is not None:
+                    results.append(load_failure)
+                    continue
+                try:
+                    if connection is None:
+                        connection = self.spawn(job["setup"], code, job["memory_mb"], cpu)
+                    connection.deadline = deadline
+                    self.timer.arm(deadline - time.monotonic() + 0.25)
+                    try:
+                        self._run_test(test_code, setup_code, connection, program, program_names,
+                                       job.get("entry_point") or "")
+                    finally:
+                        self.timer.disarm()
+                    results.append(("passed", time.perf_counter() - start, None, ""))
+                except LoadFailed as exc:
+                    load_failure = (exc.status, time.perf_counter() - start, exc.error_type, exc.error_tail)
+                    results.append(load_failure)
+                except BaseException as exc:  # noqa: BLE001 - classify what happened
+                    status, error_type, error_tail = classify(exc)
+                    results.append((status, time.perf_counter() - start, error_type, error_tail))
+                    if status == "timeout" or (connection is not None and connection.dead) \
+                            or isinstance(exc, RunnerGone):
+                        if connection is not None:
+                            self.cleanup(connection)
+                        connection = None
+        except BaseException:
+            if connection is not None:
+                self.cleanup(connection)
+            raise
+        finally:
+            self.timer.disarm()
+        self.pending = connection
+        return {"tests": results, "duration": time.perf_counter() - t0}
+
+    def _compiled(self, source: str, name: str):
+        """Trusted dataset code, compiled once: GRPO sends the same tests for every completion of a group."""
+        key = (source, name)
+        code = self.compiled.get(key)
+        if code is None:
+            if len(self.compiled) > 4096:
+                self.compiled.clear()
+            code = self.compiled[key] = compile(source, name, "exec", dont_inherit=True)
+        return code
+
+    def _run_test(self, test_code, setup_code, connection: RunnerConnection, program, program_names: list,
+                  entry_point: str) -> None:
+        namespace: dict = {"__name__": "__main__", "__builtins__": builtins}
+        exec(setup_code, namespace)
+        wanted = [n for n in _names_of(test_code) if n not in namespace]
+        plain = [n for n in wanted if not hasattr(builtins, n)]
+        for name in plain:  # resolved by name in the runner when used: a missing one is the program's NameError
+            namespace[name] = connection.remote(name)
+        shadowing = [n for n in wanted if hasattr(builtins, n)]
+        if shadowing:
+            # A program name that shadows a builtin (MBPP 126 tests a function called `sum`) is bound only when
+            # it is the entry point, or when the test uses no other name of the program: otherwise
+            # `def len(x): return 3` would rig the test's own comparisons.
+            if not program_names:
+                program_names.append(stored_names(program))
+            defined = program_names[0]
+            others = [n for n in plain if n in defined]
+            for name in shadowing:
+                if name in defined and (name == entry_point or (not entry_point and not others)):
+                    namespace[name] = connection.remote(name)
+        exec(test_code, namespace)
+
+
+# ========================================================================================= the process
+
+# Imported once in the judge, before the zygote is forked: runners find them loaded.
+PREIMPORT = ("math", "cmath", "re", "collections", "itertools", "functools", "heapq", "bisect", "string",
+             "typing", "operator", "copy", "random", "statistics", "fractions", "decimal", "datetime",
+             "json", "hashlib", "array", "struct", "sys", "os", "time", "traceback", "unicodedata",
+             "calendar", "textwrap", "numbers", "dataclasses", "enum", "abc", "io", "pprint", "_sitebuiltins",
+             "contextlib", "weakref", "types", "binascii", "base64", "zlib", "locale", "inspect", "ast")
+
+
+def main() -> None:
+    """Entry point of a judge process (see ``Executor._start_judge``)."""
+    caller_in, caller_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # No PR_SET_PDEATHSIG here: it fires when the *thread* that started us exits, and callers start judges
+    # from worker threads. A judge exits when its input pipe closes (the caller is gone).
+    isolation.set_dumpable(False)
+    cfg = wire.read_message(caller_in)
+    import importlib
+    import tempfile
+
+    for name in PREIMPORT:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    import _sitebuiltins  # quit()/exit() as under `python -c` (the judge runs without site)
+
+    builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
+    builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")
+    report = isolation.probe()
+    layers = {
+        "userns": cfg["namespaces"] and report["userns"] is None,
+        "pidns": cfg["namespaces"] and report["pidns"] is None,
+        "seccomp": cfg["seccomp"] and report["seccomp"] is None,
+        "landlock": cfg["landlock"] and report["landlock"] is None,
+    }
+    root = tempfile.mkdtemp(prefix=f"{workdir.ROOT_PREFIX}{os.getpid()}-", dir=cfg["tmp_dir"])
+
+    def _terminated(signum, frame):  # SIGTERM/SIGHUP: remove our files; runners die with us (PDEATHSIG chain)
+        shutil.rmtree(root, ignore_errors=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGHUP, _terminated)
+    try:
+        judge = Judge(caller_in, caller_out, layers, root)
+        wire.write_message(caller_out, {"ready": True, "probe": report, "layers": layers, "root": root,
+                                        "pid": os.getpid()})
+        while True:
+            try:
+                job = wire.read_message(caller_in)
+            except wire.Closed:
+                break
+            wire.write_message(caller_out, judge.run_job(job))
+            judge.finish()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""The untrusted side: a runner isolates itself, executes setup + program, then only answers requests.
+
+A runner is a fresh child of the zygote (see ``zygote.py``), one per program. It never sees a test: the judge
+asks it to call an object with these arguments, get an attribute, iterate, ... and gets plain data back (see
+``wire.py``); anything else stays here behind a handle. Whatever it writes means nothing unless it is a valid
+reply to the judge's request.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import signal
+import socket
+import traceback
+
+from . import isolation, landlock, seccomp, wire
+
+ERROR_TAIL = 2000  # characters of a traceback that cross back
+
+
+def tail(text: str) -> str:
+    return text[-ERROR_TAIL:]
+
+
+def _format(exc: BaseException) -> str:
+    return tail("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+class _Handles:
+    """Objects the judge refers to by number (``to_id``) or by global name (``resolve``)."""
+
+    def __init__(self, namespace: dict):
+        self.namespace = namespace
+        self.objects: dict[int, object] = {}
+        self.ids: dict[int, int] = {}
+
+    def to_id(self, obj) -> int:
+        key = id(obj)
+        hid = self.ids.get(key)
+        if hid is None or self.objects.get(hid) is not obj:
+            hid = len(self.objects) + 1
+            self.objects[hid] = obj
+            self.ids[key] = hid
+        return hid
+
+    def resolve(self, ref):
+        if type(ref) is str:
+            try:
+                return self.namespace[ref]
+            except KeyError:
+                raise NameError(f"name {ref!r} is not defined") from None
+        return self.objects[ref]
+
+
+def serve(sock: socket.socket, setup: str, code: str) -> None:
+    """The runner's whole life after isolation: exec setup + program, report the load, answer requests."""
+    namespace: dict = {"__name__": "__main__", "__builtins__": builtins}
+    handles = _Handles(namespace)
+
+    def send(message, on_other=handles.to_id):
+        wire.send_frame(sock, wire.encode(message, on_other))
+
+    def reply(value, mutations=()):
+        try:
+            send(("ok", value, list(mutations)))
+        except (wire.Unencodable, RecursionError, ValueError, OverflowError):
+            send(("ok", handles.to_id(value), list(mutations)))
+
+    try:
+        exec(compile(setup, "<setup>", "exec", dont_inherit=True), namespace)
+        exec(compile(code, "<program>", "exec", dont_inherit=True), namespace)
+        # One-way: the judge has already queued its first request behind this (no round trip spent on it).
+        send(("ready",))
+    except BaseException as exc:  # noqa: BLE001 - the program's failure is the answer
+        send(("loaderr", type(exc).__name__, _format(exc)))
+        return
+    while True:
+        try:
+            request = wire.decode(wire.recv_frame(sock, None), handles.resolve)
+        except wire.Closed:
+            return
+        try:
+            value, mutations = _answer(request, handles)
+            reply(value, mutations)
+        except BaseException as exc:  # noqa: BLE001 - sent back as the program's runtime error
+            send(("err", type(exc).__name__, _format(exc)))
+
+
+def _answer(request, handles: _Handles):
+    op, target = request[0], handles.resolve(request[1])
+    if op == "call":
+        args, kwargs = request[2], request[3]
+        before = [(i, wire.encode(a, handles.to_id)) for i, a in enumerate(args)
+                  if type(a) in (list, dict, set, bytearray)]
+        value = target(*args, **kwargs)
+        # In-place mutations of list/dict/set/bytearray arguments go back with the result.
+        mutations = [(i, args[i]) for i, snapshot in before if wire.encode(args[i], handles.to_id) != snapshot]
+        return value, mutations
+    if op == "getattr":
+        return getattr(target, request[2]), ()
+    if op == "iter":
+        return list(target), ()
+    if op == "len":
+        return len(target), ()
+    if op == "bool":
+        return bool(target), ()
+    if op == "str":
+        return str(target), ()
+    if op == "getitem":
+        return target[request[2]], ()
+    if op == "contains":
+        return request[2] in target, ()
+    raise ValueError(f"unknown op {op!r}")
+
+
+def start(sock: socket.socket, code: str, cfg: dict, work_dir: str, ruleset_fd: int | None) -> None:
+    """In the zygote's fresh child: isolate, then serve. Never returns."""
+    try:
+        os.setsid()
+        isolation.set_parent_death_signal()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        keep = sorted({sock.fileno()} | ({ruleset_fd} if ruleset_fd is not None else set()))
+        low = 3
+        for fd in keep:  # close every inherited fd except ours (close_range under the hood)
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 16)
+        os.chdir(work_dir)
+        os.environ.clear()
+        os.environ.update(isolation.scrubbed_env(work_dir))
+        isolation.set_limits(cfg["memory_mb"], cfg["cpu_seconds"], nproc=32 if cfg["userns"] else None)
+        if ruleset_fd is not None:
+            landlock.restrict(ruleset_fd)
+            os.close(ruleset_fd)
+        if cfg["seccomp"]:
+            seccomp.install()
+        serve(sock, cfg["setup"], code)
+    except BaseException:  # noqa: BLE001
+        pass
+    os._exit(0)
