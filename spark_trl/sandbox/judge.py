@@ -19,12 +19,11 @@ import select
 import shutil
 import signal
 import socket
-import pickle
 import time
 import traceback
 
 from . import isolation, landlock, wire, workdir, zygote
-from .runner import ERROR_TAIL, tail
+from .runner import ERROR_TAIL, handles_refused, tail
 
 
 class RemoteError(Exception):
@@ -314,8 +313,7 @@ class Judge:
         self.pending: RunnerConnection | None = None
         self.compiled: dict = {}
         self.timer = _DeadlineTimer()
-        theirs, self.zygote_sock = socket.socketpair()
-        self.zygote_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        theirs, self.zygote_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ruleset = None
         if cfg["landlock"]:
             ruleset = landlock.ruleset(landlock.python_read_paths() + ["/dev/null"], [root])
@@ -334,19 +332,31 @@ class Judge:
             os.close(ruleset)
 
     # ---------------------------------------------------------------- runners
-    def spawn(self, setup: str, code: str, memory_mb: int, cpu_seconds: int) -> RunnerConnection:
-        """Ask the zygote for a runner on a socket pair of ours; one-way (its reply is read at kill time), so
-        the first test's request is already queued when the runner starts serving."""
+    def spawn(self, setup: str, code: str, memory_mb: int, cpu_seconds: int, deadline: float) -> RunnerConnection:
+        """Ask the zygote for a runner on a socket pair of ours, then send the program to the runner itself (the
+        zygote never holds one). One-way (the zygote's reply is read at kill time), so the first test's request
+        is already queued when the runner starts serving."""
         mine, theirs = socket.socketpair()
         try:
-            socket.send_fds(self.zygote_sock, [zygote.SPAWN], [theirs.fileno()])
-            wire.send_frame(self.zygote_sock, pickle.dumps({"setup": setup, "code": code, "memory_mb": memory_mb,
-                                                            "cpu_seconds": cpu_seconds}))
+            socket.send_fds(self.zygote_sock, [zygote.SPAWN + zygote.SPAWN_LIMITS.pack(memory_mb, cpu_seconds)],
+                            [theirs.fileno()])
         except OSError:
             raise SystemExit("the zygote died") from None
         finally:
             theirs.close()
-        return RunnerConnection(mine, self)
+        connection = RunnerConnection(mine, self)
+        # A program larger than the socket's buffer is sent while the runner reads it: bounded by the deadline.
+        mine.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            wire.send_frame(mine, wire.encode(("load", setup, code), handles_refused))
+        except socket.timeout:
+            self.cleanup(connection)
+            raise LoadFailed("timeout", "Timeout", "the program did not finish loading before the deadline") from None
+        except OSError:
+            pass  # the runner died: its EOF is read as the load's failure
+        finally:
+            mine.settimeout(None)
+        return connection
 
     def cleanup(self, connection: RunnerConnection) -> None:
         connection.kill()
@@ -389,7 +399,7 @@ class Judge:
                     continue
                 try:
                     if connection is None:
-                        connection = self.spawn(job["setup"], code, job["memory_mb"], cpu)
+                        connection = self.spawn(job["setup"], code, job["memory_mb"], cpu, deadline)
                     connection.deadline = deadline
                     self.timer.arm(deadline - time.monotonic() + 0.25)
                     try:

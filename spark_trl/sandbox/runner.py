@@ -114,8 +114,19 @@ def _answer(request, handles: _Handles):
     raise ValueError(f"unknown op {op!r}")
 
 
-def start(sock: socket.socket, code: str, cfg: dict, work_dir: str, ruleset_fd: int | None) -> None:
-    """In the zygote's fresh child: isolate, then serve. Never returns."""
+def _receive_program(sock: socket.socket) -> tuple[str, str]:
+    message = wire.decode(wire.recv_frame(sock, None), handles_refused)
+    if type(message) is not tuple or len(message) != 3 or message[0] != "load":
+        raise wire.WireError("expected the program")
+    return message[1], message[2]
+
+
+def handles_refused(ref):
+    raise wire.WireError("no handle expected here")
+
+
+def start(sock: socket.socket, cfg: dict, work_dir: str, ruleset_fd: int | None) -> None:
+    """In the zygote's fresh child: isolate, read the program from the judge, serve. Never returns."""
     try:
         os.setsid()
         isolation.set_parent_death_signal()
@@ -139,7 +150,8 @@ def start(sock: socket.socket, code: str, cfg: dict, work_dir: str, ruleset_fd: 
             os.close(ruleset_fd)
         if cfg["seccomp"]:
             seccomp.install()
-        serve(sock, cfg["setup"], code)
+        setup, code = _receive_program(sock)
+        serve(sock, setup, code)
     except BaseException:  # noqa: BLE001
         pass
     os._exit(0)

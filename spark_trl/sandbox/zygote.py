@@ -1,26 +1,29 @@
 """The zygote: a clean copy of the judge, forked before it saw any job, that forks one runner per program.
 
-Forking runners from here, not from the judge, is what keeps the tests out of a runner's memory: the judge
-holds every test it ran, even as freed bytes; the zygote never receives one. With namespaces on, the zygote
+Forking runners from here, not from the judge, is what keeps other programs and the tests out of a runner's
+memory: the judge holds every program and test it handled, even as freed bytes; the zygote never receives any
+(a runner gets its program from the judge on its own socket, after the fork). With namespaces on, the zygote
 enters a user namespace and becomes pid 1 of a pid namespace of its own, so every runner lives in it and the
 zygote can sweep it (``kill(-1)`` from the namespace's init kills everything else in it).
 
-Messages from the judge, on a socket pair: ``SPAWN`` (with the runner's socket as an fd and a pickled request)
-and ``SWEEP`` (kill whatever is left in the namespace). The reply to a spawn is the runner's pid and pidfd.
+Messages from the judge, one per datagram of a SOCK_SEQPACKET pair: ``SPAWN`` (the runner's limits as two
+numbers, the runner's socket as an fd) and ``SWEEP`` (kill whatever is left in the namespace). The reply to a
+spawn is the runner's pid and pidfd.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import select
 import signal
 import socket
+import struct
 
 from . import isolation, runner, wire
 
 SPAWN = b"S"
 SWEEP = b"W"
+SPAWN_LIMITS = struct.Struct("!QQ")  # memory_mb, cpu_seconds: all a spawn request carries besides the socket
 
 
 def boot(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | None) -> None:
@@ -58,13 +61,14 @@ def serve(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | None) -> 
         if not readable:
             continue
         try:
-            op, fds, _, _ = socket.recv_fds(sock, 1, 1)
-            if op == SPAWN and len(fds) == 1:
-                request = pickle.loads(wire.recv_frame(sock, None))
-            elif op != SWEEP:
-                os._exit(0)
-        except (wire.Closed, EOFError, OSError):
+            msg, fds, _, _ = socket.recv_fds(sock, 1 + SPAWN_LIMITS.size, 1)
+        except OSError:
             os._exit(0)
+        op = msg[:1]
+        if op == SPAWN and len(fds) == 1 and len(msg) == 1 + SPAWN_LIMITS.size:
+            memory_mb, cpu_seconds = SPAWN_LIMITS.unpack(msg[1:])
+        elif op != SWEEP:
+            os._exit(0)  # the judge is gone (an empty read) or broke the protocol
         if namespace_init:
             # Nothing of an earlier runner may survive: kill everything in our pid namespace but ourselves.
             try:
@@ -78,9 +82,7 @@ def serve(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | None) -> 
         pid = os.fork()
         if pid == 0:
             sock.close()
-            runner_cfg = dict(cfg, setup=request["setup"], memory_mb=request["memory_mb"],
-                              cpu_seconds=request["cpu_seconds"])
-            runner.start(runner_sock, request["code"], runner_cfg, root, ruleset_fd)
+            runner.start(runner_sock, dict(cfg, memory_mb=memory_mb, cpu_seconds=cpu_seconds), root, ruleset_fd)
         runner_sock.close()
         pidfd = os.pidfd_open(pid)  # before any reaping: the pid cannot have been reused
         socket.send_fds(sock, [wire.HANDLE_ID.pack(pid)], [pidfd])
