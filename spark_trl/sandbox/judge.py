@@ -22,7 +22,7 @@ import socket
 import time
 import traceback
 
-from . import isolation, landlock, wire, workdir, zygote
+from . import isolation, landlock, names, wire, workdir, zygote
 from .runner import ERROR_TAIL, handles_refused, tail
 
 
@@ -240,40 +240,6 @@ def _copy_back(arg, new) -> None:
 # =============================================================================================== tests
 
 
-def _names_of(code) -> set[str]:
-    """Every global-ish name a code object (and its nested code) may look up."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if hasattr(const, "co_names"):
-            names |= _names_of(const)
-    return names
-
-
-_STORE_OPS = None
-
-
-def stored_names(code) -> set[str]:
-    """Names a program binds at top level (def, class, import, assignment) or declares ``global``: a scan of
-    the raw bytecode for STORE_NAME/STORE_GLOBAL (``dis`` is ten times slower)."""
-    global _STORE_OPS
-    if _STORE_OPS is None:
-        import dis
-
-        _STORE_OPS = (dis.opmap["STORE_NAME"], dis.opmap["STORE_GLOBAL"], dis.opmap["EXTENDED_ARG"])
-    store_name, store_global, extended = _STORE_OPS
-    names = set()
-    raw, co_names, ext = code.co_code, code.co_names, 0
-    for i in range(0, len(raw) - 1, 2):
-        op, arg = raw[i], raw[i + 1] | ext
-        ext = (arg << 8) if op == extended else 0
-        if (op == store_name or op == store_global) and arg < len(co_names):
-            names.add(co_names[arg])
-    for const in code.co_consts:
-        if hasattr(const, "co_code"):
-            names |= stored_names(const)
-    return names
-
-
 def classify(exc: BaseException) -> tuple[str, str | None, str]:
     """(status, error type, error tail) of the exception that ended a test."""
     if isinstance(exc, wire.DeadlineExpired):
@@ -384,11 +350,11 @@ class Judge:
             results = [("syntax_error", 0.0, type(exc).__name__, error_tail)] * len(tests)
             return {"tests": results, "duration": time.perf_counter() - t0}
         setup_code = self._compiled(job["setup"], "<setup>")
-        test_codes = [self._compiled(t, f"<test {i}>") for i, t in enumerate(tests)]
+        test_codes = [self._compiled(t, f"<test {i}>", with_free_names=True) for i, t in enumerate(tests)]
         timeout = float(job["timeout"])
         cpu = int(timeout * (len(tests) + 1)) + 2
         connection: RunnerConnection | None = None
-        program_names: list = []  # the program's top-level names, computed when a test needs them
+        program_stores: list = []  # the program's top-level names, computed when a test needs them
         load_failure = None
         try:
             for test_code in test_codes:
@@ -403,7 +369,7 @@ class Judge:
                     connection.deadline = deadline
                     self.timer.arm(deadline - time.monotonic() + 0.25)
                     try:
-                        self._run_test(test_code, setup_code, connection, program, program_names,
+                        self._run_test(test_code, setup_code, connection, program, program_stores,
                                        job.get("entry_point") or "")
                     finally:
                         self.timer.disarm()
@@ -428,36 +394,30 @@ class Judge:
         self.pending = connection
         return {"tests": results, "duration": time.perf_counter() - t0}
 
-    def _compiled(self, source: str, name: str):
-        """Trusted dataset code, compiled once: GRPO sends the same tests for every completion of a group."""
-        key = (source, name)
-        code = self.compiled.get(key)
-        if code is None:
+    def _compiled(self, source: str, name: str, with_free_names: bool = False):
+        """Trusted dataset code, compiled once (with a test's free names): GRPO sends the same tests for every
+        completion of a group."""
+        key = (source, name, with_free_names)
+        compiled = self.compiled.get(key)
+        if compiled is None:
             if len(self.compiled) > 4096:
                 self.compiled.clear()
-            code = self.compiled[key] = compile(source, name, "exec", dont_inherit=True)
-        return code
+            code = compile(source, name, "exec", dont_inherit=True)
+            compiled = self.compiled[key] = (code, names.free_globals(code)) if with_free_names else code
+        return compiled
 
-    def _run_test(self, test_code, setup_code, connection: RunnerConnection, program, program_names: list,
+    def _run_test(self, test, setup_code, connection: RunnerConnection, program, program_stores: list,
                   entry_point: str) -> None:
+        test_code, test_free = test
         namespace: dict = {"__name__": "__main__", "__builtins__": builtins}
         exec(setup_code, namespace)
-        wanted = [n for n in _names_of(test_code) if n not in namespace]
-        plain = [n for n in wanted if not hasattr(builtins, n)]
-        for name in plain:  # resolved by name in the runner when used: a missing one is the program's NameError
-            namespace[name] = connection.remote(name)
-        shadowing = [n for n in wanted if hasattr(builtins, n)]
-        if shadowing:
-            # A program name that shadows a builtin (MBPP 126 tests a function called `sum`) is bound only when
-            # it is the entry point, or when the test uses no other name of the program: otherwise
-            # `def len(x): return 3` would rig the test's own comparisons.
-            if not program_names:
-                program_names.append(stored_names(program))
-            defined = program_names[0]
-            others = [n for n in plain if n in defined]
-            for name in shadowing:
-                if name in defined and (name == entry_point or (not entry_point and not others)):
-                    namespace[name] = connection.remote(name)
+
+        def stores():
+            if not program_stores:
+                program_stores.append(names.stored_names(program))
+            return program_stores[0]
+
+        names.bind_free_names(namespace, test_free, entry_point, connection.remote, stores)
         exec(test_code, namespace)
 
 
