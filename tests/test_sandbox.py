@@ -36,7 +36,8 @@ def assert_clean(ex: Executor, settle: float = 3.0) -> None:
     end = time.monotonic() + settle
     while True:
         extra = {j.popen.pid: _descendants(j.popen.pid) for j in ex._judges if j is not None}
-        leftovers = {j.root: os.listdir(j.root) for j in ex._judges if j is not None and os.path.isdir(j.root)}
+        leftovers = {j.root: os.listdir(os.path.join(j.root, "work")) for j in ex._judges
+                     if j is not None and os.path.isdir(os.path.join(j.root, "work"))}
         if all(len(v) == expected for v in extra.values()) and not any(leftovers.values()):
             return
         if time.monotonic() > end:

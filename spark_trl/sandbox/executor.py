@@ -48,6 +48,8 @@ _WARNED: set[str] = set()
 _LAYER_HELP = {
     "userns": "user namespaces unavailable: pid namespace only as root",
     "pidns": "no pid namespace: the runner's session is killed at the deadline instead",
+    "mountns": "no private file system view: the runner can stat host files and its work dir's size is checked "
+               "only after each test",
     "seccomp": "no seccomp filter: network, fork/exec and signals outside the runner are NOT blocked",
     "landlock": "no Landlock: the runner can read any file the user can (datasets, caches)",
 }
@@ -60,8 +62,11 @@ class Executor:
         workers: judge processes (default: the CPUs this process may use).
         timeout: seconds per test (a ``Job`` may override it).
         memory_mb: address-space limit of each runner.
+        disk_mb: total size of a runner's work dir (a tmpfs of that size with namespaces on; else checked after
+            each test); a program that fills it fails the test as ``DiskLimitExceeded``.
         namespaces, seccomp, landlock: isolation layers (all on by default; each is probed once and falls back
-            with a one-time warning when the machine does not offer it).
+            with a one-time warning when the machine does not offer it). ``namespaces`` covers the user, pid and
+            mount namespaces (the private file system view).
 
     Example:
     ```python
@@ -73,7 +78,8 @@ class Executor:
     """
 
     def __init__(self, workers: int | None = None, timeout: float = 10.0, memory_mb: int = 2048, *,
-                 namespaces: bool = True, seccomp: bool = True, landlock: bool = True, tmp_dir: str | None = None):
+                 namespaces: bool = True, seccomp: bool = True, landlock: bool = True, tmp_dir: str | None = None,
+                 disk_mb: int = 64):
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if int(workers) < 1:
@@ -82,9 +88,11 @@ class Executor:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if memory_mb < 64:
             raise ValueError(f"memory_mb must be >= 64, got {memory_mb}")
+        if int(disk_mb) < 1:
+            raise ValueError(f"disk_mb must be >= 1, got {disk_mb}")
         self.workers, self.timeout, self.memory_mb = int(workers), float(timeout), int(memory_mb)
         self._cfg = {"namespaces": namespaces, "seccomp": seccomp, "landlock": landlock,
-                     "tmp_dir": tmp_dir or workdir.default_tmp_dir()}
+                     "tmp_dir": tmp_dir or workdir.default_tmp_dir(), "disk_mb": int(disk_mb)}
         workdir.remove_stale_roots(self._cfg["tmp_dir"])
         self._judges: list[_JudgeProcess | None] = [None] * self.workers
         self._lock = threading.Lock()
@@ -140,7 +148,7 @@ class Executor:
             if not self.layers:
                 self.layers, self.probe = j.info["layers"], j.info["probe"]
                 for layer, on in self.layers.items():
-                    wanted = self._cfg["namespaces"] if layer in ("userns", "pidns") else self._cfg.get(layer)
+                    wanted = self._cfg["namespaces"] if layer.endswith("ns") else self._cfg.get(layer)
                     if wanted and not on and layer not in _WARNED:
                         _WARNED.add(layer)
                         import warnings

@@ -3,7 +3,10 @@
 Applied in the runner (a process forked by the zygote, see ``zygote.py``) before any generated code runs:
 session of its own, parent-death signal, work dir as cwd, scrubbed environment, stdio on /dev/null, resource
 limits; the zygote itself enters a user namespace and becomes pid 1 of a pid namespace holding every runner.
-The filters live beside this file: ``seccomp.py`` (syscalls) and ``landlock.py`` (files, TCP, signals).
+The zygote also builds a private view of the file system (``enter_private_view``): a read-only root holding only
+what Python needs, and a size-capped tmpfs as the runners' work dir, replaced after every runner
+(``fresh_work_dir``). The filters live beside this file: ``seccomp.py`` (syscalls) and ``landlock.py`` (files,
+TCP, signals).
 
 ``probe()`` reports which layers work, each tried once in a throw-away child.
 """
@@ -15,8 +18,9 @@ import resource
 import shutil
 import signal
 
-from . import landlock, seccomp
-from .libc import ARCH, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, prctl, unshare
+from . import landlock, libc, seccomp
+from .libc import (ARCH, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG,
+                   prctl, unshare)
 
 
 def set_dumpable(flag: bool) -> None:
@@ -40,6 +44,98 @@ def enter_user_namespace() -> None:
     with open("/proc/self/gid_map", "w") as fh:
         fh.write(f"{gid} {gid} 1")
 
+
+# ----------------------------------------------------------------------------- private file system view
+
+WORK = "work"  # the runners' work dir: <judge root>/work
+_ST_TO_MS = {os.ST_NOSUID: libc.MS_NOSUID, os.ST_NODEV: libc.MS_NODEV, os.ST_NOEXEC: libc.MS_NOEXEC,
+             os.ST_NOATIME: libc.MS_NOATIME, os.ST_NODIRATIME: libc.MS_NODIRATIME, os.ST_RELATIME: libc.MS_RELATIME}
+
+
+def visible_paths() -> tuple[list[str], list[str]]:
+    """(paths a runner sees, paths hidden under them): what Landlock lets it read (``landlock.python_read_paths``),
+    with the standard library bound as one directory and its site-/dist-packages covered."""
+    stdlib = os.path.dirname(os.__file__)
+    paths = [stdlib] + [p for p in landlock.python_read_paths() if not p.startswith(stdlib + os.sep)]
+    hidden = [os.path.join(stdlib, d) for d in ("site-packages", "dist-packages")
+              if os.path.isdir(os.path.join(stdlib, d))]
+    return paths + ["/dev/null"], hidden
+
+
+def _symlinks_on_the_way(path: str) -> dict[str, str]:
+    """The symlinks met resolving ``path`` (e.g. /lib -> usr/lib), each at a location whose parents are real
+    directories, so that recreating them in the view never writes through a link."""
+    links, cur = {}, "/"
+    for part in path.strip("/").split("/"):
+        nxt = os.path.join(cur, part)
+        if os.path.islink(nxt):
+            links[nxt] = os.readlink(nxt)
+            nxt = os.path.realpath(nxt)
+        cur = nxt
+    return links
+
+
+def _bind_read_only(source: str, target: str) -> None:
+    libc.mount(source, target, None, libc.MS_BIND | libc.MS_REC)
+    # A bind mount in a user namespace keeps the flags its source had locked: remount with them, plus read-only.
+    locked = sum(ms for st, ms in _ST_TO_MS.items() if os.statvfs(source).f_flag & st)
+    libc.mount(None, target, None, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | locked)
+
+
+def enter_private_view(root: str, visible: list[str], hidden: list[str]) -> None:
+    """A mount namespace whose file system is a read-only tmpfs holding only ``visible`` (bound read-only at their
+    own paths, symlinks on the way recreated), ``hidden`` covered by empty read-only directories, and the empty
+    directory ``<root>/work`` for ``fresh_work_dir``. Needs a user namespace of our own (``enter_user_namespace``).
+
+    Host files outside it cannot be named at all: no stat, chmod, utime, xattr or Unix-socket connect on them,
+    whatever Landlock's ABI covers."""
+    unshare(CLONE_NEWNS)
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)  # nothing we mount propagates to the host
+    skeleton = root  # the new root: a tmpfs over the judge's (empty) dir, in our namespace only
+    libc.mount("tmpfs", skeleton, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
+    links: dict[str, str] = {}
+    bound: set[str] = set()
+    for path in visible:
+        links.update(_symlinks_on_the_way(path))
+        real = os.path.realpath(path)
+        if real in bound:  # e.g. libpython3.11.so, a link to libpython3.11.so.1.0
+            continue
+        bound.add(real)
+        target = skeleton + real
+        if os.path.isdir(real):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "a").close()
+        _bind_read_only(real, target)
+    for path in hidden:
+        libc.mount("tmpfs", skeleton + os.path.realpath(path), "tmpfs",
+                   libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV, "size=4k,nr_inodes=1")
+    for link, target in sorted(links.items()):  # after the binds: a link is never a parent of a mount point
+        if not os.path.lexists(skeleton + link):
+            os.makedirs(os.path.dirname(skeleton + link), exist_ok=True)
+            os.symlink(target, skeleton + link)
+    os.makedirs(skeleton + os.path.join(root, WORK))
+    os.mkdir(skeleton + "/.old-root")
+    libc.pivot_root(skeleton, skeleton + "/.old-root")
+    os.chdir("/")
+    libc.umount("/.old-root")
+    os.rmdir("/.old-root")
+    libc.mount(None, "/", None, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV)
+
+
+def fresh_work_dir(path: str, disk_mb: int, max_files: int) -> None:
+    """Replace the tmpfs at ``path`` with an empty one of ``disk_mb`` MiB and ``max_files`` inodes: whatever the
+    last runner wrote there (files, a directory chain thousands deep) goes with the old one, in O(1) here."""
+    try:
+        libc.umount(path)
+    except OSError:
+        pass  # nothing mounted yet
+    libc.mount("tmpfs", path, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV,
+               f"size={int(disk_mb)}m,nr_inodes={int(max_files)},mode=0700")
+
+
+# ------------------------------------------------------------------------------------- environment
 
 _ENV_KEEP = {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"}
 
@@ -137,12 +233,28 @@ def _check_pid_namespace(use_userns: bool):
         raise OSError("child was not pid 1 of the new namespace")
 
 
-def probe() -> dict:
+def _check_private_view(scratch: str):
+    """The whole view as the zygote builds it, on a scratch dir; then a host file must be out of sight."""
+    enter_user_namespace()
+    visible, hidden = visible_paths()
+    enter_private_view(scratch, visible, hidden)
+    fresh_work_dir(os.path.join(scratch, WORK), 1, 16)
+    if os.path.exists("/proc/self/status"):  # read by enter_user_namespace's caller a moment ago
+        raise OSError("/proc is still visible")
+
+
+def probe(scratch: str | None = None) -> dict:
     """Which layers work here, each tried in a throw-away child: ``{layer: None (works) or reason}`` plus
-    ``landlock_abi``, ``uid`` and ``bwrap``."""
+    ``landlock_abi``, ``uid`` and ``bwrap``. ``scratch``: an empty dir for the private view's probe."""
     report: dict = {"uid": os.getuid(), "arch": ARCH, "bwrap": bubblewrap_path()}
     report["userns"] = _try_in_child(enter_user_namespace)
     report["pidns"] = _try_in_child(lambda: _check_pid_namespace(report["userns"] is None))
+    if report["userns"] is not None:
+        report["mountns"] = "needs a user namespace"
+    elif scratch is None:
+        report["mountns"] = "not probed"
+    else:
+        report["mountns"] = _try_in_child(lambda: _check_private_view(scratch))
     report["netns"] = _try_in_child(lambda: (enter_user_namespace() if report["userns"] is None else None,
                                              unshare(CLONE_NEWNET)))
     report["seccomp"] = _try_in_child(_check_seccomp_blocks) if seccomp.supported() else f"no filter for {ARCH}"

@@ -22,7 +22,7 @@ import socket
 import time
 import traceback
 
-from . import isolation, landlock, names, wire, workdir, zygote
+from . import isolation, names, wire, workdir, zygote
 from .runner import ERROR_TAIL, handles_refused, tail
 
 
@@ -56,6 +56,7 @@ class RunnerConnection:
         self.sock, self.judge = sock, judge
         self.pid: int | None = None
         self.pidfd: int | None = None
+        self.work_fd: int | None = None  # the work tmpfs of the private view, for its fill level
         self.remote_objects: dict = {}
         self.deadline: float | None = None
         self.dead = False
@@ -64,10 +65,11 @@ class RunnerConnection:
     def attach(self) -> None:
         """Read the zygote's reply to our spawn: the pid (meaningful only without a pid namespace) and pidfd."""
         if self.pidfd is None:
-            msg, fds, _, _ = socket.recv_fds(self.judge.zygote_sock, 8, 1)
-            if len(msg) != 8 or len(fds) != 1:
+            msg, fds, _, _ = socket.recv_fds(self.judge.zygote_sock, 8, 2)
+            if len(msg) != 8 or not 1 <= len(fds) <= 2:
                 raise SystemExit("the zygote died")
             self.pidfd = fds[0]
+            self.work_fd = fds[1] if len(fds) == 2 else None
             # Under a pid namespace the zygote's pid numbers mean nothing here: the pidfd is the handle.
             self.pid = None if self.judge.cfg["pidns"] else wire.HANDLE_ID.unpack(msg)[0]
 
@@ -164,6 +166,8 @@ class RunnerConnection:
             self.sock.close()
             select.select([self.pidfd], [], [], max(0.0, end - time.monotonic()))
             os.close(self.pidfd)
+            if self.work_fd is not None:
+                os.close(self.work_fd)
             self.dead = True
 
     def _exited(self) -> bool:
@@ -276,26 +280,28 @@ class _DeadlineTimer:
 class Judge:
     def __init__(self, caller_in: int, caller_out: int, cfg: dict, root: str):
         self.caller_in, self.caller_out, self.cfg, self.root = caller_in, caller_out, cfg, root
+        self.work = os.path.join(root, isolation.WORK)
+        os.mkdir(self.work, 0o700)
         self.pending: RunnerConnection | None = None
         self.compiled: dict = {}
         self.timer = _DeadlineTimer()
         theirs, self.zygote_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ruleset = None
-        if cfg["landlock"]:
-            ruleset = landlock.ruleset(landlock.python_read_paths() + ["/dev/null"], [root])
         pid = os.fork()
         if pid == 0:
             self.zygote_sock.close()
             for fd in (self.caller_in, self.caller_out):
                 os.close(fd)
             try:
-                zygote.boot(theirs, cfg, root, ruleset)
+                zygote.boot(theirs, cfg, root)
             finally:
                 os._exit(0)
         self.zygote_pid = pid
         theirs.close()
-        if ruleset is not None:
-            os.close(ruleset)
+        if not select.select([self.zygote_sock], [], [], 60)[0]:
+            raise RuntimeError("the zygote did not start")
+        status = self.zygote_sock.recv(512)
+        if status != zygote.READY:
+            raise RuntimeError(f"the zygote failed to start: {status[1:].decode(errors='replace') or 'it died'}")
 
     # ---------------------------------------------------------------- runners
     def spawn(self, setup: str, code: str, memory_mb: int, cpu_seconds: int, deadline: float) -> RunnerConnection:
@@ -325,10 +331,22 @@ class Judge:
         return connection
 
     def cleanup(self, connection: RunnerConnection) -> None:
+        """Kill the runner; the zygote sweeps its namespace and replaces the work tmpfs, or (without them) the
+        judge empties the work dir itself."""
         connection.kill()
-        if self.cfg["pidns"]:
+        if self.cfg["pidns"] or self.cfg["mountns"]:
             self.zygote_sock.sendall(zygote.SWEEP)
-        workdir.empty(self.root)
+        if not self.cfg["mountns"]:
+            workdir.empty(self.work)
+
+    def disk_limit_reached(self, connection: RunnerConnection) -> bool:
+        """The program filled its work dir (the tmpfs has no block or inode left; without the private view: a
+        bounded walk of the work dir finds more bytes or files than the cap)."""
+        if self.cfg["mountns"]:
+            connection.attach()
+            st = os.fstatvfs(connection.work_fd)
+            return st.f_bavail == 0 or st.f_favail == 0
+        return workdir.exceeds(self.work, self.cfg["disk_mb"] << 20, zygote.MAX_FILES)
 
     def finish(self) -> None:
         """Kill the last runner of a job and clean its files (after the result went out)."""
@@ -358,11 +376,11 @@ class Judge:
         load_failure = None
         try:
             for test_code in test_codes:
-                start = time.perf_counter()
-                deadline = time.monotonic() + timeout
-                if load_failure is not None:
+                if load_failure is not None:  # the program never loaded: every test fails the same way
                     results.append(load_failure)
                     continue
+                start = time.perf_counter()
+                deadline = time.monotonic() + timeout
                 try:
                     if connection is None:
                         connection = self.spawn(job["setup"], code, job["memory_mb"], cpu, deadline)
@@ -373,18 +391,23 @@ class Judge:
                                        job.get("entry_point") or "")
                     finally:
                         self.timer.disarm()
-                    results.append(("passed", time.perf_counter() - start, None, ""))
+                    status, error_type, error_tail = "passed", None, ""
                 except LoadFailed as exc:
                     load_failure = (exc.status, time.perf_counter() - start, exc.error_type, exc.error_tail)
                     results.append(load_failure)
+                    continue
                 except BaseException as exc:  # noqa: BLE001 - classify what happened
                     status, error_type, error_tail = classify(exc)
-                    results.append((status, time.perf_counter() - start, error_type, error_tail))
-                    if status == "timeout" or (connection is not None and connection.dead) \
-                            or isinstance(exc, RunnerGone):
-                        if connection is not None:
-                            self.cleanup(connection)
-                        connection = None
+                if connection is not None and not connection.dead and status != "timeout" \
+                        and self.disk_limit_reached(connection):
+                    # Whatever the program did with ENOSPC: a resource error, like running out of memory.
+                    status, error_type = "runtime_error", "DiskLimitExceeded"
+                    error_tail = f"the program filled its work dir ({self.cfg['disk_mb']} MiB, {zygote.MAX_FILES} files)"
+                    connection.dead = True
+                results.append((status, time.perf_counter() - start, error_type, error_tail))
+                if connection is not None and (status == "timeout" or connection.dead):
+                    self.cleanup(connection)  # the next test gets a fresh runner
+                    connection = None
         except BaseException:
             if connection is not None:
                 self.cleanup(connection)
@@ -455,14 +478,15 @@ def main() -> None:
 
     builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
     builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")
-    report = isolation.probe()
+    root = tempfile.mkdtemp(prefix=f"{workdir.ROOT_PREFIX}{os.getpid()}-", dir=cfg["tmp_dir"])
+    report = isolation.probe(scratch=root)
     layers = {
         "userns": cfg["namespaces"] and report["userns"] is None,
         "pidns": cfg["namespaces"] and report["pidns"] is None,
+        "mountns": cfg["namespaces"] and report["mountns"] is None,
         "seccomp": cfg["seccomp"] and report["seccomp"] is None,
         "landlock": cfg["landlock"] and report["landlock"] is None,
     }
-    root = tempfile.mkdtemp(prefix=f"{workdir.ROOT_PREFIX}{os.getpid()}-", dir=cfg["tmp_dir"])
 
     def _terminated(signum, frame):  # SIGTERM/SIGHUP: remove our files; runners die with us (PDEATHSIG chain)
         shutil.rmtree(root, ignore_errors=True)
@@ -471,7 +495,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminated)
     signal.signal(signal.SIGHUP, _terminated)
     try:
-        judge = Judge(caller_in, caller_out, layers, root)
+        judge = Judge(caller_in, caller_out, dict(layers, disk_mb=cfg["disk_mb"]), root)
         wire.write_message(caller_out, {"ready": True, "probe": report, "layers": layers, "root": root,
                                         "pid": os.getpid()})
         while True:

@@ -23,6 +23,10 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 CLONE_THREAD = 0x00010000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
+PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+CAPSET = {"x86_64": 126, "aarch64": 91}
 
 
 def check(ret: int, what: str) -> int:
@@ -40,6 +44,29 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 def syscall(number: int, *args) -> int:
     """A raw syscall; the return value unchecked (callers use ``check``)."""
     return _libc.syscall(number, *args)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    args = [None if v is None else v.encode() for v in (source, target, fstype)]
+    check(_libc.mount(*args, ctypes.c_ulong(flags), None if data is None else data.encode()),
+          f"mount({source}, {target}, {fstype})")
+
+
+def umount(target: str, flags: int = 2) -> None:
+    """umount2(target, MNT_DETACH): the mount goes now, its file system once nothing uses it."""
+    check(_libc.umount2(target.encode(), ctypes.c_int(flags)), f"umount({target})")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    check(_libc.syscall(PIVOT_ROOT[ARCH], new_root.encode(), put_old.encode()), "pivot_root")
+
+
+def drop_capabilities() -> None:
+    """capset(2) with empty effective, permitted and inheritable sets: the runner keeps no capability, also in
+    the user namespace it shares with the zygote (where it would otherwise hold all of them) and as root."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
+    check(_libc.syscall(CAPSET[ARCH], header, data), "capset")
 
 
 def unshare(flags: int) -> None:

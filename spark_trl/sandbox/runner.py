@@ -14,7 +14,7 @@ import signal
 import socket
 import traceback
 
-from . import isolation, landlock, seccomp, wire
+from . import isolation, landlock, libc, seccomp, wire
 
 ERROR_TAIL = 2000  # characters of a traceback that cross back
 
@@ -145,6 +145,7 @@ def start(sock: socket.socket, cfg: dict, work_dir: str, ruleset_fd: int | None)
         os.environ.clear()
         os.environ.update(isolation.scrubbed_env(work_dir))
         isolation.set_limits(cfg["memory_mb"], cfg["cpu_seconds"], nproc=32 if cfg["userns"] else None)
+        libc.drop_capabilities()  # all of them in the user namespace it shares with the zygote, or as root
         if ruleset_fd is not None:
             landlock.restrict(ruleset_fd)
             os.close(ruleset_fd)

@@ -32,6 +32,32 @@ def empty(root: str) -> None:
             pass
 
 
+def exceeds(path: str, max_bytes: int, max_files: int) -> bool:
+    """More than ``max_bytes`` or ``max_files`` under ``path`` (the work dir without the private view, where no
+    tmpfs caps it). Stops counting at the caps: the walk costs at most ``max_files`` entries."""
+    total, files = 0, 0
+    todo = [path]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as entries:
+                for entry in entries:
+                    files += 1
+                    if files > max_files:
+                        return True
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += st.st_blocks * 512
+                    if total > max_bytes:
+                        return True
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(entry.path)
+        except OSError:
+            continue
+    return False
+
+
 def _force_remove(func, path, exc_info):
     try:
         os.chmod(os.path.dirname(path), 0o700)

@@ -2,13 +2,17 @@
 
 Forking runners from here, not from the judge, is what keeps other programs and the tests out of a runner's
 memory: the judge holds every program and test it handled, even as freed bytes; the zygote never receives any
-(a runner gets its program from the judge on its own socket, after the fork). With namespaces on, the zygote
-enters a user namespace and becomes pid 1 of a pid namespace of its own, so every runner lives in it and the
-zygote can sweep it (``kill(-1)`` from the namespace's init kills everything else in it).
+(a runner gets its program from the judge on its own socket, after the fork).
+
+With namespaces on, the zygote sets up once, before its first runner: a user namespace; pid 1 of a pid namespace
+holding every runner (``kill(-1)`` from the namespace's init sweeps it); a mount namespace with the private,
+read-only view of the file system and a size-capped tmpfs as work dir (``isolation.enter_private_view``). Then
+it assembles the Landlock ruleset and the seccomp filter that each runner applies to itself.
 
 Messages from the judge, one per datagram of a SOCK_SEQPACKET pair: ``SPAWN`` (the runner's limits as two
-numbers, the runner's socket as an fd) and ``SWEEP`` (kill whatever is left in the namespace). The reply to a
-spawn is the runner's pid and pidfd.
+numbers, the runner's socket as an fd) and ``SWEEP`` (kill whatever is left in the namespace, replace the work
+tmpfs). The reply to a spawn is the runner's pid, its pidfd and (with the private view) an ``O_PATH`` fd of the
+work dir, so that the judge can see how full it is.
 """
 
 from __future__ import annotations
@@ -19,41 +23,64 @@ import signal
 import socket
 import struct
 
-from . import isolation, runner, wire
+from . import isolation, landlock, runner, seccomp, wire
 
 SPAWN = b"S"
 SWEEP = b"W"
+READY = b"R"
+FAILED = b"E"
 SPAWN_LIMITS = struct.Struct("!QQ")  # memory_mb, cpu_seconds: all a spawn request carries besides the socket
+MAX_FILES = 4096  # inodes of the work tmpfs: a directory chain or a million empty files stop here
 
 
-def boot(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | None) -> None:
-    """The judge's fork at start-up, before any job: enter a user namespace, then make the zygote pid 1 of a
-    pid namespace of its own."""
+def boot(sock: socket.socket, cfg: dict, root: str) -> None:
+    """The judge's fork at start-up, before any job. Reports READY (or FAILED and why) on ``sock``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     isolation.set_parent_death_signal()
-    if cfg["userns"]:
-        isolation.enter_user_namespace()
-    if cfg["pidns"]:
-        isolation.unshare(isolation.CLONE_NEWPID)
-        pid = os.fork()
-        if pid:  # outside the namespace: only waits for its init (the zygote) and exits with it
-            sock.close()
-            while True:
-                try:
-                    os.waitpid(pid, 0)
-                    break
-                except InterruptedError:
-                    continue
-                except ChildProcessError:
-                    break
-            os._exit(0)
-        isolation.set_parent_death_signal()
-        if os.getpid() != 1:
-            os._exit(3)
-    serve(sock, cfg, root, ruleset_fd)
+    work = os.path.join(root, isolation.WORK)
+    try:
+        if cfg["userns"]:
+            isolation.enter_user_namespace()
+        if cfg["pidns"]:
+            isolation.unshare(isolation.CLONE_NEWPID)
+            pid = os.fork()
+            if pid:  # outside the namespace: only waits for its init (the zygote) and exits with it
+                sock.close()
+                _wait_for(pid)
+                os._exit(0)
+            isolation.set_parent_death_signal()
+            if os.getpid() != 1:
+                raise OSError("not pid 1 of the new pid namespace")
+        if cfg["mountns"]:
+            isolation.enter_private_view(root, *isolation.visible_paths())
+            isolation.fresh_work_dir(work, cfg["disk_mb"], MAX_FILES)
+        ruleset_fd = None
+        if cfg["landlock"]:
+            # Writable: the work dir. With the private view it is a mount point, which Landlock's path walk
+            # skips: the rule goes on its parent, the view's read-only directory that holds nothing else.
+            ruleset_fd = landlock.ruleset(landlock.python_read_paths() + ["/dev/null"],
+                                          [root if cfg["mountns"] else work])
+        if cfg["seccomp"]:
+            seccomp.prepare()
+    except BaseException as exc:  # noqa: BLE001 - the judge reports it and fails to start
+        sock.send(FAILED + f"{type(exc).__name__}: {exc}".encode()[:500])
+        os._exit(1)
+    sock.send(READY)
+    serve(sock, cfg, work, ruleset_fd)
 
 
-def serve(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | None) -> None:
+def _wait_for(pid: int) -> None:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return
+
+
+def serve(sock: socket.socket, cfg: dict, work: str, ruleset_fd: int | None) -> None:
     namespace_init = cfg["pidns"] and os.getpid() == 1
     while True:
         readable, _, _ = select.select([sock], [], [], 0.2)
@@ -77,16 +104,21 @@ def serve(sock: socket.socket, cfg: dict, root: str, ruleset_fd: int | None) -> 
                 pass
             _reap()
         if op == SWEEP:
+            if cfg["mountns"]:
+                isolation.fresh_work_dir(work, cfg["disk_mb"], MAX_FILES)
             continue
         runner_sock = socket.socket(fileno=fds[0])
         pid = os.fork()
         if pid == 0:
             sock.close()
-            runner.start(runner_sock, dict(cfg, memory_mb=memory_mb, cpu_seconds=cpu_seconds), root, ruleset_fd)
+            runner.start(runner_sock, dict(cfg, memory_mb=memory_mb, cpu_seconds=cpu_seconds), work, ruleset_fd)
         runner_sock.close()
-        pidfd = os.pidfd_open(pid)  # before any reaping: the pid cannot have been reused
-        socket.send_fds(sock, [wire.HANDLE_ID.pack(pid)], [pidfd])
-        os.close(pidfd)
+        reply_fds = [os.pidfd_open(pid)]  # before any reaping: the pid cannot have been reused
+        if cfg["mountns"]:
+            reply_fds.append(os.open(work, os.O_PATH | os.O_DIRECTORY))
+        socket.send_fds(sock, [wire.HANDLE_ID.pack(pid)], reply_fds)
+        for fd in reply_fds:
+            os.close(fd)
 
 
 def _reap() -> None:
