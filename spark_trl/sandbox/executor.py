@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import os
 import queue
-import shutil
 import signal
 import sys
 import threading
@@ -200,7 +199,11 @@ class Executor:
                     k = todo.get_nowait()
                 except queue.Empty:
                     return
-                results[k] = self._run_one(i, jobs[k])
+                try:
+                    results[k] = self._run_one(i, jobs[k])
+                except BaseException as exc:  # noqa: BLE001 - one job never fails the batch
+                    results[k] = _harness_error(jobs[k], f"{type(exc).__name__}: {exc}")
+                    self._replace(i)
                 if bar is not None:
                     bar.update(1)
 
@@ -234,18 +237,23 @@ class Executor:
                 wire.write_message(j.popen.stdin.fileno(), msg)
                 res = wire.read_message(j.popen.stdout.fileno(), time.monotonic() + budget)
                 if isinstance(res, dict):
+                    if res.get("retire"):  # its work dir could not be emptied: a fresh judge takes over
+                        self._replace(i)
                     return res
             except (Exception, wire.DeadlineExpired):  # EOF, a broken pipe, a deadline, an unreadable reply
                 pass
             # The judge died or hung: replace it; the job counts as a runtime error of the harness.
+            self._replace(i)
+        return _harness_error(job, "the judge process died or hung")
+
+    def _replace(self, i: int) -> None:
+        j, self._judges[i] = self._judges[i], None
+        if j is not None:
             _kill_judge(j.popen, j.root)
-            self._judges[i] = None
-        n = len(msg["tests"])
-        return {"tests": [("runtime_error", 0.0, "HarnessError", "the judge process died or hung")] * n,
-                "duration": 0.0}
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
+        """Stop the judges and remove their work dirs. Never raises."""
         self._closed = True
         for i, j in enumerate(self._judges):
             if j is not None:
@@ -254,8 +262,7 @@ class Executor:
                     j.popen.wait(timeout=5)
                 except Exception:  # noqa: BLE001
                     pass
-                _kill_judge(j.popen, j.root)
-                self._judges[i] = None
+                self._replace(i)
 
     def __enter__(self) -> "Executor":
         return self
@@ -277,7 +284,13 @@ def _check_compiles(source: str, where: str) -> None:
         raise ValueError(f"{where} does not compile (a dataset error, not the program's): {exc}") from None
 
 
+def _harness_error(job: Job, why: str) -> dict:
+    n = len(job.tests)
+    return {"tests": [("runtime_error", 0.0, "HarnessError", why)] * n, "duration": 0.0}
+
+
 def _kill_judge(popen, root: str | None) -> None:
+    """Kill a judge's session (the judge and its zygote) and remove its work dir. Never raises."""
     if popen.poll() is None:
         try:
             os.killpg(popen.pid, signal.SIGKILL)  # its own session: the judge and its zygote
@@ -295,7 +308,7 @@ def _kill_judge(popen, root: str | None) -> None:
         except OSError:
             pass
     if root:
-        shutil.rmtree(root, ignore_errors=True)
+        workdir.remove_tree(root)
 
 
 _shared: Executor | None = None

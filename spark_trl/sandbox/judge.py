@@ -16,7 +16,6 @@ from __future__ import annotations
 import builtins
 import os
 import select
-import shutil
 import signal
 import socket
 import time
@@ -283,6 +282,7 @@ class Judge:
         self.work = os.path.join(root, isolation.WORK)
         os.mkdir(self.work, 0o700)
         self.pending: RunnerConnection | None = None
+        self.retire = False  # set when this judge's work dir could not be emptied: the caller replaces it
         self.compiled: dict = {}
         self.timer = _DeadlineTimer()
         theirs, self.zygote_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -336,8 +336,8 @@ class Judge:
         connection.kill()
         if self.cfg["pidns"] or self.cfg["mountns"]:
             self.zygote_sock.sendall(zygote.SWEEP)
-        if not self.cfg["mountns"]:
-            workdir.empty(self.work)
+        if not self.cfg["mountns"] and not workdir.empty(self.work):
+            self.retire = True  # a tree it could not remove in time: no later runner may see it
 
     def disk_limit_reached(self, connection: RunnerConnection) -> bool:
         """The program filled its work dir (the tmpfs has no block or inode left; without the private view: a
@@ -489,7 +489,7 @@ def main() -> None:
     }
 
     def _terminated(signum, frame):  # SIGTERM/SIGHUP: remove our files; runners die with us (PDEATHSIG chain)
-        shutil.rmtree(root, ignore_errors=True)
+        workdir.remove_tree(root)
         os._exit(0)
 
     signal.signal(signal.SIGTERM, _terminated)
@@ -503,7 +503,15 @@ def main() -> None:
                 job = wire.read_message(caller_in)
             except wire.Closed:
                 break
-            wire.write_message(caller_out, judge.run_job(job))
+            result = judge.run_job(job)
+            if not layers["mountns"]:
+                # The host work dir must be empty before the next job: clean before replying, so that the reply
+                # can say when it could not be (the zygote's fresh tmpfs needs no such check).
+                judge.finish()
+            result["retire"] = judge.retire
+            wire.write_message(caller_out, result)
             judge.finish()
+            if judge.retire:
+                break
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        workdir.remove_tree(root)
