@@ -91,7 +91,8 @@ class Executor:
             raise ValueError(f"disk_mb must be >= 1, got {disk_mb}")
         self.workers, self.timeout, self.memory_mb = int(workers), float(timeout), int(memory_mb)
         self._cfg = {"namespaces": namespaces, "seccomp": seccomp, "landlock": landlock,
-                     "tmp_dir": tmp_dir or workdir.default_tmp_dir(), "disk_mb": int(disk_mb)}
+                     "tmp_dir": tmp_dir or workdir.default_tmp_dir(), "disk_mb": int(disk_mb),
+                     "memory_mb": self.memory_mb}
         workdir.remove_stale_roots(self._cfg["tmp_dir"])
         self._judges: list[_JudgeProcess | None] = [None] * self.workers
         self._lock = threading.Lock()

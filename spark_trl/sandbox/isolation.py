@@ -150,6 +150,15 @@ def scrubbed_env(home: str | None = None) -> dict[str, str]:
     return env
 
 
+def limit_address_space(memory_mb: int) -> None:
+    """RLIMIT_AS of this process (soft only: the judge is trusted, the bound is against its inputs)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    value = int(memory_mb) * 1024 * 1024
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (value, hard))
+
+
 def set_limits(memory_mb: int, cpu_seconds: int, fsize_mb: int = 16, nofile: int = 64,
                nproc: int | None = None) -> None:
     """Resource limits of the runner (soft = hard, so the runner cannot raise them back)."""

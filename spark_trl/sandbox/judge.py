@@ -36,6 +36,10 @@ class RemoteError(Exception):
 class RunnerGone(BaseException):
     """The runner died or broke the protocol: the test fails as a runtime error and the runner is replaced."""
 
+    def __init__(self, why: str, error_type: str = "ProcessDied"):
+        super().__init__(why)
+        self.error_type = error_type
+
 
 class LoadFailed(BaseException):
     """The program failed to load: every test gets this result."""
@@ -82,7 +86,7 @@ class RunnerConnection:
         """The next message; the runner's one-way load report comes first and is consumed here."""
         while True:
             try:
-                msg = wire.decode(wire.recv_frame(self.sock, self.deadline), self.remote)
+                msg = wire.decode(wire.recv_frame(self.sock, self.deadline), self.remote, wire.DECODE_BUDGET)
             except wire.DeadlineExpired:
                 if not self.loaded:
                     raise LoadFailed("timeout", "Timeout", "the program did not finish loading before the deadline")
@@ -92,9 +96,11 @@ class RunnerConnection:
                 if not self.loaded:
                     raise LoadFailed("runtime_error", "ProcessDied", "the program's process died while loading")
                 raise RunnerGone("the program's process died") from None
-            except wire.WireError:
+            except wire.WireError as exc:  # malformed, or more than the judge decodes: the program's fault
                 self.dead = True
-                raise RunnerGone("the program's process sent an invalid frame") from None
+                if not self.loaded:
+                    raise LoadFailed("runtime_error", "ProtocolError", f"the program's process sent junk: {exc}")
+                raise RunnerGone(f"the program's process sent an unusable reply: {exc}", "ProtocolError") from None
             if self.loaded:
                 return msg
             if msg == ("ready",):
@@ -125,13 +131,13 @@ class RunnerConnection:
         reply = self._next_message()
         if type(reply) is not tuple or not reply:
             self.dead = True
-            raise RunnerGone("the program's process sent an invalid reply")
+            raise RunnerGone("the program's process sent an invalid reply", "ProtocolError")
         if reply[0] == "ok" and len(reply) == 3:
             return reply[1], reply[2]
         if reply[0] == "err" and len(reply) == 3:
             raise RemoteError(str(reply[1])[:200], str(reply[2])[-ERROR_TAIL:])
         self.dead = True
-        raise RunnerGone("the program's process sent an invalid reply")
+        raise RunnerGone("the program's process sent an invalid reply", "ProtocolError")
 
     def kill(self) -> None:
         """SIGKILL the runner (and its session when its pid means something here), wait until it is gone.
@@ -250,7 +256,7 @@ def classify(exc: BaseException) -> tuple[str, str | None, str]:
     if isinstance(exc, RemoteError):
         return "runtime_error", exc.error_type, exc.error_tail
     if isinstance(exc, RunnerGone):
-        return "runtime_error", "ProcessDied", str(exc)
+        return "runtime_error", exc.error_type, str(exc)
     error_tail = tail("".join(traceback.format_exception_only(type(exc), exc)))
     if type(exc) is AssertionError:
         return "wrong_answer", "AssertionError", error_tail
@@ -466,6 +472,9 @@ def main() -> None:
     # from worker threads. A judge exits when its input pipe closes (the caller is gone).
     isolation.set_dumpable(False)
     cfg = wire.read_message(caller_in)
+    # A backstop on the judge's own memory: a test may allocate from a program's answer (`"a" * f(3)` with
+    # f returning 10**10); that is then the test's MemoryError, not the host's out-of-memory killer.
+    isolation.limit_address_space(2 * cfg["memory_mb"] + (wire.DECODE_BUDGET >> 20) + 512)
     import importlib
     import tempfile
 

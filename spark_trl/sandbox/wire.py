@@ -152,106 +152,135 @@ def _encode(obj, out: bytearray, on_other, depth: int) -> None:
 
 # ------------------------------------------------------------------------------------------- decoding
 
+DECODE_BUDGET = 128 * 1024 * 1024  # bytes of objects a judge builds from one reply of a runner
+MAX_INT_BYTES = 1 << 20  # an int of 8 Mbit: int.from_bytes is linear, but arithmetic on it in a test is not
+MAX_FRACTION_PART_BYTES = 1 << 13  # Fraction() runs gcd (quadratic, in C): 2^16 bits cost ~7 ms
+# Estimated CPython sizes (bytes) of each decoded object, plus per-item costs of containers: what the budget
+# counts, so that a frame repeating a cheap tag (an empty deque is 5 bytes on the wire, 624 in memory)
+# cannot multiply its size into the judge's memory.
+_COST = {NONE: 8, TRUE: 8, FALSE: 8, ELLIPSIS: 8, INT: 40, FLOAT: 32, COMPLEX: 40, STR: 80, BYTES: 48,
+         BYTEARRAY: 64, DECIMAL: 120, BUILTIN_TYPE: 8, LIST: 64, TUPLE: 48, SET: 256, FROZENSET: 256, DEQUE: 640,
+         DICT: 240, ORDERED_DICT: 400, COUNTER: 240, DEFAULT_DICT: 240, RANGE: 48, FRACTION: 136, HANDLE: 200,
+         PROGRAM_NAME: 200}
+_ITEM_COST = {LIST: 8, TUPLE: 8, SET: 64, FROZENSET: 64, DEQUE: 8, DICT: 64, ORDERED_DICT: 128, COUNTER: 64,
+              DEFAULT_DICT: 64}
 
-def decode(data: bytes, on_handle):
-    """Decode plain data into fresh objects of known classes; ``on_handle(id or name)`` turns a handle into
-    an object."""
+
+def decode(data: bytes, on_handle, budget: int | None = None):
+    """Decode plain data into fresh objects of known classes; ``on_handle(id or name)`` turns a handle into an
+    object. ``budget``: the most bytes of objects to build (estimated); beyond it, ``WireError``.
+
+    No single step runs long in C: ints and Fraction parts are capped, and sets and dicts are filled one item at
+    a time, so that a deadline signal interrupts even a frame of colliding hashes between two items."""
+    decoder = _Decoder(memoryview(data), on_handle, budget)
     try:
-        value, pos = _decode_at(memoryview(data), 0, on_handle, 0)
+        value = decoder.value(0)
     except WireError:
         raise
     except (struct.error, IndexError, ValueError, TypeError, KeyError, ZeroDivisionError, ArithmeticError,
             RecursionError, MemoryError, UnicodeDecodeError) as exc:
         raise WireError(f"malformed frame: {type(exc).__name__}") from None
-    if pos != len(data):
+    if decoder.pos != len(data):
         raise WireError("trailing bytes in frame")
     return value
 
 
-def _decode_length(buf, pos):
-    (n,) = LENGTH.unpack_from(buf, pos)
-    if pos + 4 + n > len(buf) and n > len(buf):
-        raise WireError("length beyond frame")
-    return n, pos + 4
+class _Decoder:
+    def __init__(self, buf: memoryview, on_handle, budget: int | None):
+        self.buf, self.pos, self.on_handle = buf, 0, on_handle
+        self.left = float("inf") if budget is None else budget
 
+    def spend(self, cost: int) -> None:
+        self.left -= cost
+        if self.left < 0:
+            raise WireError("the reply decodes to more objects than the judge's budget")
 
-def _decode_blob(buf, pos):
-    n, pos = _decode_length(buf, pos)
-    if pos + n > len(buf):
-        raise WireError("truncated value")
-    return bytes(buf[pos:pos + n]), pos + n
+    def length(self) -> int:
+        (n,) = LENGTH.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        if n > len(self.buf) - self.pos:  # a blob's bytes, or a count of items of at least one byte each
+            raise WireError("length beyond frame")
+        return n
 
+    def blob(self) -> bytes:
+        n = self.length()
+        if self.pos + n > len(self.buf):
+            raise WireError("truncated value")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return raw
 
-def _decode_int(buf, pos):
-    raw, pos = _decode_blob(buf, pos)
-    return int.from_bytes(raw, "big", signed=True), pos
+    def integer(self, max_bytes: int = MAX_INT_BYTES) -> int:
+        raw = self.blob()
+        if len(raw) > max_bytes:
+            raise WireError(f"an int of {len(raw)} bytes exceeds the cap of {max_bytes}")
+        self.spend(len(raw))
+        return int.from_bytes(raw, "big", signed=True)
 
-
-def _decode_at(buf, pos, on_handle, depth):
-    if depth > MAX_DEPTH:
-        raise WireError("nested too deep")
-    tag = bytes(buf[pos:pos + 1])
-    pos += 1
-    if tag == NONE:
-        return None, pos
-    if tag == TRUE:
-        return True, pos
-    if tag == FALSE:
-        return False, pos
-    if tag == ELLIPSIS:
-        return Ellipsis, pos
-    if tag == INT:
-        return _decode_int(buf, pos)
-    if tag == FLOAT:
-        return DOUBLE.unpack_from(buf, pos)[0], pos + 8
-    if tag == COMPLEX:
-        real, imag = DOUBLE_PAIR.unpack_from(buf, pos)
-        return complex(real, imag), pos + 16
-    if tag == STR:
-        raw, pos = _decode_blob(buf, pos)
-        return raw.decode("utf-8", "surrogatepass"), pos
-    if tag == BYTES:
-        return _decode_blob(buf, pos)
-    if tag == BYTEARRAY:
-        raw, pos = _decode_blob(buf, pos)
-        return bytearray(raw), pos
-    if tag == DECIMAL:
-        raw, pos = _decode_blob(buf, pos)
-        return decimal.Decimal(raw.decode("ascii")), pos
-    if tag == BUILTIN_TYPE:
-        raw, pos = _decode_blob(buf, pos)
-        return _BUILTIN_TYPES[raw.decode("ascii")], pos
-    if tag in _SEQUENCES:
-        n, pos = _decode_length(buf, pos)
-        items = []
-        for _ in range(n):
-            item, pos = _decode_at(buf, pos, on_handle, depth + 1)
-            items.append(item)
-        return _SEQUENCES[tag](items), pos
-    if tag in _MAPPINGS:
-        n, pos = _decode_length(buf, pos)
-        mapping = _MAPPINGS[tag]()
-        for _ in range(n):
-            key, pos = _decode_at(buf, pos, on_handle, depth + 1)
-            value, pos = _decode_at(buf, pos, on_handle, depth + 1)
-            mapping[key] = value  # a fresh object of a known stdlib class
-        return mapping, pos
-    if tag == RANGE:
-        start, pos = _decode_int(buf, pos)
-        stop, pos = _decode_int(buf, pos)
-        step, pos = _decode_int(buf, pos)
-        return range(start, stop, step), pos
-    if tag == FRACTION:
-        numerator, pos = _decode_int(buf, pos)
-        denominator, pos = _decode_int(buf, pos)
-        return fractions.Fraction(numerator, denominator), pos
-    if tag == HANDLE:
-        (hid,) = HANDLE_ID.unpack_from(buf, pos)
-        return on_handle(hid), pos + 8
-    if tag == PROGRAM_NAME:
-        raw, pos = _decode_blob(buf, pos)
-        return on_handle(raw.decode("utf-8", "surrogatepass")), pos
-    raise WireError(f"unknown tag {tag!r}")
+    def value(self, depth: int):
+        if depth > MAX_DEPTH:
+            raise WireError("nested too deep")
+        tag = bytes(self.buf[self.pos:self.pos + 1])
+        self.pos += 1
+        cost = _COST.get(tag)
+        if cost is None:
+            raise WireError(f"unknown tag {tag!r}")
+        self.spend(cost)
+        if tag == NONE:
+            return None
+        if tag == TRUE:
+            return True
+        if tag == FALSE:
+            return False
+        if tag == ELLIPSIS:
+            return Ellipsis
+        if tag == INT:
+            return self.integer()
+        if tag == FLOAT:
+            self.pos += 8
+            return DOUBLE.unpack_from(self.buf, self.pos - 8)[0]
+        if tag == COMPLEX:
+            self.pos += 16
+            real, imag = DOUBLE_PAIR.unpack_from(self.buf, self.pos - 16)
+            return complex(real, imag)
+        if tag in (STR, BYTES, BYTEARRAY, DECIMAL, BUILTIN_TYPE, PROGRAM_NAME):
+            raw = self.blob()
+            self.spend(4 * len(raw) if tag == STR else len(raw))  # a str may take 4 bytes per character
+            if tag == STR:
+                return raw.decode("utf-8", "surrogatepass")
+            if tag == BYTES:
+                return raw
+            if tag == BYTEARRAY:
+                return bytearray(raw)
+            if tag == DECIMAL:
+                return decimal.Decimal(raw.decode("ascii"))
+            if tag == BUILTIN_TYPE:
+                return _BUILTIN_TYPES[raw.decode("ascii")]
+            return self.on_handle(raw.decode("utf-8", "surrogatepass"))
+        if tag in _SEQUENCES:
+            n = self.length()
+            self.spend(n * _ITEM_COST[tag])
+            if tag in (SET, FROZENSET):
+                items = set()
+                for _ in range(n):
+                    items.add(self.value(depth + 1))
+                return items if tag == SET else frozenset(items)
+            return _SEQUENCES[tag]([self.value(depth + 1) for _ in range(n)])
+        if tag in _MAPPINGS:
+            n = self.length()
+            self.spend(n * _ITEM_COST[tag])
+            mapping = _MAPPINGS[tag]()
+            for _ in range(n):
+                key = self.value(depth + 1)
+                mapping[key] = self.value(depth + 1)  # a fresh object of a known stdlib class
+            return mapping
+        if tag == RANGE:
+            return range(self.integer(), self.integer(), self.integer())
+        if tag == FRACTION:
+            return fractions.Fraction(self.integer(MAX_FRACTION_PART_BYTES), self.integer(MAX_FRACTION_PART_BYTES))
+        # HANDLE
+        self.pos += 8
+        return self.on_handle(HANDLE_ID.unpack_from(self.buf, self.pos - 8)[0])
 
 
 # --------------------------------------------------------------------------------------------- frames
