@@ -24,9 +24,12 @@ from . import isolation, wire, workdir
 class Job:
     """One program and the tests it must pass.
 
-    ``code`` is the program (already extracted); ``setup`` (imports, helpers) runs before the program in the
-    runner and before each test in the judge; ``timeout`` (seconds, per test) defaults to the executor's;
-    ``entry_point`` (optional) names the function under test.
+    ``code`` is the program, or with ``extract=True`` a model's raw completion from which the judge extracts the
+    program (``spark_trl.prompts.extract_code`` with the entry point): in the judge's process, under the job's
+    deadline, so that no completion costs the caller's thread anything (the outcome's ``code`` is then the
+    extracted program). ``setup`` (imports, helpers) runs before the program in the runner and before each test
+    in the judge; ``timeout`` (seconds, per test) defaults to the executor's; ``entry_point`` (optional) names
+    the function under test.
     """
 
     code: str
@@ -35,6 +38,7 @@ class Job:
     timeout: float | None = None
     task_id: str = ""
     entry_point: str = ""
+    extract: bool = False
 
 
 class _JudgeProcess:
@@ -220,15 +224,18 @@ class Executor:
         for job, res in zip(jobs, results):
             tests = [TestResult(Status(s), float(d), e, t) for s, d, e, t in res["tests"]]
             first = next((t for t in tests if t.status is not Status.PASSED), None)
+            code = res.get("code", job.code)
             outcomes.append(ExecutionOutcome(status=Status.PASSED if first is None else first.status, tests=tests,
-                                             duration=float(res["duration"]), code=job.code,
+                                             duration=float(res["duration"]),
+                                             code=code if isinstance(code, str) else "",
                                              error_tail=first.error_tail if first else ""))
         return outcomes
 
     def _run_one(self, i: int, job: Job) -> dict:
         timeout = float(job.timeout or self.timeout)
         msg = {"code": job.code if isinstance(job.code, str) else "", "tests": list(job.tests), "setup": job.setup,
-               "timeout": timeout, "memory_mb": self.memory_mb, "entry_point": job.entry_point or ""}
+               "timeout": timeout, "memory_mb": self.memory_mb, "entry_point": job.entry_point or "",
+               "extract": bool(job.extract)}
         if not isinstance(job.code, str):
             msg["code"] = "\x00"  # not a program: compiles to a syntax error in the judge
         budget = (len(msg["tests"]) + 1) * (timeout + 1.0) + 30.0

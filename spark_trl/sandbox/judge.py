@@ -21,6 +21,7 @@ import socket
 import time
 import traceback
 
+from ..prompts import extract_code
 from . import isolation, names, wire, workdir, zygote
 from .runner import ERROR_TAIL, handles_refused, tail
 
@@ -365,14 +366,14 @@ class Judge:
         """Every test of one job. The last runner is left for ``finish()``, called after the reply is sent."""
         t0 = time.perf_counter()
         tests = job["tests"]
-        code = job["code"]
+        code = self._extracted(job) if job.get("extract") else job["code"]
         results: list = []
         try:
             program = compile(code, "<program>", "exec", dont_inherit=True)
         except BaseException as exc:  # SyntaxError, ValueError (null bytes), UnicodeError, RecursionError...
             error_tail = tail("".join(traceback.format_exception_only(type(exc), exc)))
             results = [("syntax_error", 0.0, type(exc).__name__, error_tail)] * len(tests)
-            return {"tests": results, "duration": time.perf_counter() - t0}
+            return {"tests": results, "duration": time.perf_counter() - t0, "code": code}
         setup_code = self._compiled(job["setup"], "<setup>")
         test_codes = [self._compiled(t, f"<test {i}>", with_free_names=True) for i, t in enumerate(tests)]
         timeout = float(job["timeout"])
@@ -421,7 +422,20 @@ class Judge:
         finally:
             self.timer.disarm()
         self.pending = connection
-        return {"tests": results, "duration": time.perf_counter() - t0}
+        return {"tests": results, "duration": time.perf_counter() - t0, "code": code}
+
+    def _extracted(self, job: dict) -> str:
+        """The program in a raw completion, extracted here rather than on the caller's thread; under the job's
+        deadline (the raw text, for compile() to judge, when it fails or runs out of time)."""
+        text = job["code"]
+        try:
+            self.timer.arm(float(job["timeout"]))
+            try:
+                return extract_code(text, job.get("entry_point") or None)
+            finally:
+                self.timer.disarm()
+        except BaseException:  # noqa: BLE001 - RecursionError, MemoryError, the deadline: the program's problem
+            return text
 
     def _compiled(self, source: str, name: str, with_free_names: bool = False):
         """Trusted dataset code, compiled once (with a test's free names): GRPO sends the same tests for every
