@@ -12,7 +12,9 @@ import builtins
 import os
 import signal
 import socket
+import sys
 import traceback
+import types
 
 from . import isolation, landlock, libc, seccomp, wire
 
@@ -53,9 +55,22 @@ class _Handles:
         return self.objects[ref]
 
 
+PROGRAM_MODULE = "__program__"
+
+
+def _program_namespace() -> dict:
+    """The program runs as an imported module, not as ``__main__``: its ``if __name__ == "__main__":`` demo (an
+    ``input()``, prints, ``sys.exit``) does not run, as under the tests' own ``import``/``exec``; registered in
+    ``sys.modules`` so that pickle, dataclasses and typing find the module of the program's classes."""
+    module = types.ModuleType(PROGRAM_MODULE)
+    module.__builtins__ = builtins
+    sys.modules[PROGRAM_MODULE] = module
+    return module.__dict__
+
+
 def serve(sock: socket.socket, setup: str, code: str) -> None:
     """The runner's whole life after isolation: exec setup + program, report the load, answer requests."""
-    namespace: dict = {"__name__": "__main__", "__builtins__": builtins}
+    namespace = _program_namespace()
     handles = _Handles(namespace)
 
     def send(message, on_other=handles.to_id):
