@@ -90,8 +90,36 @@ def test_wire_namedtuple_crosses_as_its_values():
     assert decode(encode(P(1, 2), lambda o: 0), lambda h: h) == (1, 2)
 
 
+def test_wire_dict_views_cross_as_views():
+    import collections
+
+    for view in ({1: 2}.keys(), {1: [2]}.values(), {1: 2}.items(), collections.OrderedDict(a=1).keys()):
+        decoded = decode(encode(view, lambda o: pytest.fail("not plain")), lambda h: pytest.fail("handle"))
+        assert list(decoded) == list(view) and type(decoded).__name__.endswith(type(view).__name__[-4:])
+    assert decode(encode({1: 2, 3: 4}.keys(), None), None) == {1, 3}
+
+
+def test_wire_containers_of_a_request_keep_their_identity():
+    shared = [1]
+    cyclic: list = []
+    cyclic.append(cyclic)
+    sent: list = []
+    data = encode((shared, {"k": shared}, (cyclic,)), None, registry=sent)
+    assert sent[0] is shared and sent[2] is cyclic  # numbered in the order met; the alias is a reference
+    received: list = []
+    a, d, (c,) = decode(data, None, refs=received, number=True)
+    assert d["k"] is a and c[0] is c and len(received) == 3
+    # A reply refers to the request's containers by number: the sender gets its own objects back.
+    known = {id(obj): n for n, obj in enumerate(received)}
+    assert decode(encode([a, c], None, known=known), None, refs=sent) == [shared, cyclic]
+    assert decode(encode([a, c], None, known=known), None, refs=sent)[0] is shared
+    with pytest.raises(WireError):
+        decode(encode(a, None, known=known), None)  # a reference with no request to refer to
+
+
 @pytest.mark.parametrize("junk", [b"", b"z", b"l\x00\x00\x00\x02N", b"s\xff\xff\xff\xffab", b"NN", b"i\x00\x00\x00\x09",
-                                  b"h\x00", b"d\x00\x00\x00\x01l\x00\x00\x00\x00N"])
+                                  b"h\x00", b"d\x00\x00\x00\x01l\x00\x00\x00\x00N", b"R\x00\x00\x00\x05",
+                                  b"K\x00\x00\x00\x01l\x00\x00\x00\x00"])
 def test_wire_rejects_malformed_frames(junk):
     with pytest.raises(WireError):
         decode(junk, lambda h: h)

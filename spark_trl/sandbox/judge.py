@@ -14,6 +14,7 @@ sent junk, or any other exception is a runtime error; the judge's deadline is a 
 from __future__ import annotations
 
 import builtins
+import collections
 import os
 import select
 import signal
@@ -83,11 +84,13 @@ class RunnerConnection:
             obj = self.remote_objects[ref] = RemoteObject(self, ref)
         return obj
 
-    def _next_message(self):
-        """The next message; the runner's one-way load report comes first and is consumed here."""
+    def _next_message(self, sent: list | None = None):
+        """The next message (``sent``: the request's containers, for the reply's references); the runner's
+        one-way load report comes first and is consumed here."""
         while True:
             try:
-                msg = wire.decode(wire.recv_frame(self.sock, self.deadline), self.remote, wire.DECODE_BUDGET)
+                msg = wire.decode(wire.recv_frame(self.sock, self.deadline), self.remote, wire.DECODE_BUDGET,
+                                  refs=sent if self.loaded else None)
             except wire.DeadlineExpired:
                 if not self.loaded:
                     raise LoadFailed("timeout", "Timeout", "the program did not finish loading before the deadline")
@@ -113,7 +116,8 @@ class RunnerConnection:
             raise LoadFailed("runtime_error", "ProtocolError", "the program's process sent an invalid message")
 
     def request(self, *req):
-        """Send one request, return ``(value, mutations)``; the program's exception raises ``RemoteError``."""
+        """Send one request, return the answer, after copying the call's in-place changes into the containers
+        that were sent; the program's exception raises ``RemoteError``."""
         def to_ref(obj):
             if type(obj) is RemoteObject and obj._connection is self:
                 return obj._ref
@@ -121,24 +125,53 @@ class RunnerConnection:
 
         if self.dead:
             raise RunnerGone("the program's process is gone")
+        sent: list = []
         try:
-            data = wire.encode(req, to_ref)
+            data = wire.encode(req, to_ref, registry=sent)
         except wire.Unencodable as exc:
             raise TypeError(str(exc)) from None
         try:
             wire.send_frame(self.sock, data)
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # a dead runner shows as EOF on the read below
-        reply = self._next_message()
+        reply = self._next_message(sent)
         if type(reply) is not tuple or not reply:
             self.dead = True
             raise RunnerGone("the program's process sent an invalid reply", "ProtocolError")
-        if reply[0] == "ok" and len(reply) == 3:
-            return reply[1], reply[2]
+        if reply[0] == "ok" and len(reply) == 3 and type(reply[2]) is list:
+            for change in reply[2]:
+                self._copy_back(sent, change)
+            return reply[1]
         if reply[0] == "err" and len(reply) == 3:
             raise RemoteError(str(reply[1])[:200], str(reply[2])[-ERROR_TAIL:])
         self.dead = True
         raise RunnerGone("the program's process sent an invalid reply", "ProtocolError")
+
+    def _copy_back(self, sent: list, change) -> None:
+        """Apply one in-place change (``(n, encoded new contents)``) to the n-th container that was sent."""
+        if type(change) is not tuple or len(change) != 2 or type(change[0]) is not int or type(change[1]) is not bytes:
+            self.dead = True
+            raise RunnerGone("the program's process sent an invalid change", "ProtocolError")
+        n, blob = change
+        if not 0 <= n < len(sent):
+            self.dead = True
+            raise RunnerGone("the program's process changed no container of the request", "ProtocolError")
+        try:
+            new = wire.decode(blob, self.remote, wire.DECODE_BUDGET, refs=sent)
+        except wire.WireError as exc:
+            self.dead = True
+            raise RunnerGone(f"the program's process sent an unusable change: {exc}", "ProtocolError") from None
+        target = sent[n]
+        if type(new) is not type(target):
+            return  # a container changes its contents in place, never its type
+        if isinstance(target, (list, bytearray)):
+            target[:] = new
+        elif isinstance(target, collections.deque):
+            target.clear()
+            target.extend(new)
+        else:  # dict, set and the dict subclasses
+            target.clear()
+            target.update(new)
 
     def kill(self) -> None:
         """SIGKILL the runner (and its session when its pid means something here), wait until it is gone.
@@ -183,7 +216,8 @@ class RunnerConnection:
 
 class RemoteObject:
     """A program object that is not plain data, living in the runner. Usable as an argument of later calls,
-    callable, and its attributes/items/iteration are fetched remotely; equal only to itself."""
+    callable, its attributes/items/iteration fetched remotely; equal to another object of the same program as
+    the program's own ``__eq__`` says, never to a value of the judge."""
 
     __slots__ = ("_connection", "_ref")
 
@@ -192,24 +226,20 @@ class RemoteObject:
         object.__setattr__(self, "_ref", ref)
 
     def __call__(self, *args, **kwargs):
-        value, mutations = self._connection.request("call", self._ref, args, kwargs)
-        for i, new in mutations if type(mutations) is list else ():
-            if type(i) is int and 0 <= i < len(args):
-                _copy_back(args[i], new)
-        return value
+        return self._connection.request("call", self._ref, args, kwargs)
 
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return self._connection.request("getattr", self._ref, name)[0]
+        return self._connection.request("getattr", self._ref, name)
 
     def __iter__(self):
-        value = self._connection.request("iter", self._ref)[0]
+        value = self._connection.request("iter", self._ref)
         return iter(value if type(value) is list else [])
 
     def __len__(self):
         try:
-            value = self._connection.request("len", self._ref)[0]
+            value = self._connection.request("len", self._ref)
         except RemoteError as exc:  # list(obj) asks for a length hint first: unsized is no error there
             raise TypeError(f"remote len() failed: {exc}") from None
         if type(value) is not int:
@@ -217,34 +247,33 @@ class RemoteObject:
         return value
 
     def __bool__(self):
-        return self._connection.request("bool", self._ref)[0] is True
+        return self._connection.request("bool", self._ref) is True
 
     def __str__(self):
-        value = self._connection.request("str", self._ref)[0]
+        value = self._connection.request("str", self._ref)
         return value if type(value) is str else "<remote object>"
 
     def __getitem__(self, key):
-        return self._connection.request("getitem", self._ref, key)[0]
+        return self._connection.request("getitem", self._ref, key)
 
     def __contains__(self, item):
-        return self._connection.request("contains", self._ref, item)[0] is True
+        return self._connection.request("contains", self._ref, item) is True
+
+    def _compare(self, op: str, other):
+        if type(other) is not RemoteObject or other._connection is not self._connection:
+            return NotImplemented  # a program object is never equal to a judge value: identity decides
+        return self._connection.request(op, self._ref, other) is True
+
+    def __eq__(self, other):
+        return self._compare("eq", other)
+
+    def __ne__(self, other):
+        return self._compare("ne", other)
+
+    __hash__ = object.__hash__
 
     def __repr__(self):
         return f"<remote object {self._ref!r}>"
-
-
-def _copy_back(arg, new) -> None:
-    """Apply a call's in-place mutation of a list/dict/set/bytearray argument (decoded: plain data)."""
-    if type(arg) is list and type(new) is list:
-        arg[:] = new
-    elif type(arg) is dict and type(new) is dict:
-        arg.clear()
-        arg.update(new)
-    elif type(arg) is set and type(new) is set:
-        arg.clear()
-        arg.update(new)
-    elif type(arg) is bytearray and type(new) is bytearray:
-        arg[:] = new
 
 
 # =============================================================================================== tests

@@ -73,14 +73,14 @@ def serve(sock: socket.socket, setup: str, code: str) -> None:
     namespace = _program_namespace()
     handles = _Handles(namespace)
 
-    def send(message, on_other=handles.to_id):
-        wire.send_frame(sock, wire.encode(message, on_other))
+    def send(message, on_other=handles.to_id, known=None):
+        wire.send_frame(sock, wire.encode(message, on_other, known=known))
 
-    def reply(value, mutations=()):
+    def reply(value, mutations, known):
         try:
-            send(("ok", value, list(mutations)))
+            send(("ok", value, mutations), known=known)
         except (wire.Unencodable, RecursionError, ValueError, OverflowError):
-            send(("ok", handles.to_id(value), list(mutations)))
+            send(("ok", handles.to_id(value), mutations), known=known)
 
     try:
         exec(compile(setup, "<setup>", "exec", dont_inherit=True), namespace)
@@ -91,41 +91,57 @@ def serve(sock: socket.socket, setup: str, code: str) -> None:
         send(("loaderr", type(exc).__name__, _format(exc)))
         return
     while True:
+        received: list = []  # the request's mutable containers, numbered as the judge numbered them
         try:
-            request = wire.decode(wire.recv_frame(sock, None), handles.resolve)
+            request = wire.decode(wire.recv_frame(sock, None), handles.resolve, refs=received, number=True)
         except wire.Closed:
             return
+        known = {id(obj): n for n, obj in enumerate(received)}
         try:
-            value, mutations = _answer(request, handles)
-            reply(value, mutations)
+            before = _contents(received, handles, known)
+            value = _answer(request, handles)
+            # What the call changed in place, wherever the container sat in the arguments, goes back with the
+            # result; the result refers to the request's containers by number (identity survives).
+            after = _contents(received, handles, known)
+            reply(value, [(n, blob) for n, blob in enumerate(after) if blob is not None and blob != before[n]], known)
         except BaseException as exc:  # noqa: BLE001 - sent back as the program's runtime error
             send(("err", type(exc).__name__, _format(exc)))
+
+
+def _contents(containers: list, handles: _Handles, known: dict) -> list:
+    """Each container's contents, encoded (inner containers of the request as references); None where the
+    program put something that cannot be encoded."""
+    out = []
+    for obj in containers:
+        try:
+            out.append(wire.encode(obj, handles.to_id, known=known, contents=True))
+        except (wire.Unencodable, RecursionError, ValueError, OverflowError):
+            out.append(None)
+    return out
 
 
 def _answer(request, handles: _Handles):
     op, target = request[0], handles.resolve(request[1])
     if op == "call":
-        args, kwargs = request[2], request[3]
-        before = [(i, wire.encode(a, handles.to_id)) for i, a in enumerate(args)
-                  if type(a) in (list, dict, set, bytearray)]
-        value = target(*args, **kwargs)
-        # In-place mutations of list/dict/set/bytearray arguments go back with the result.
-        mutations = [(i, args[i]) for i, snapshot in before if wire.encode(args[i], handles.to_id) != snapshot]
-        return value, mutations
+        return target(*request[2], **request[3])
     if op == "getattr":
-        return getattr(target, request[2]), ()
+        return getattr(target, request[2])
     if op == "iter":
-        return list(target), ()
+        return list(target)
     if op == "len":
-        return len(target), ()
+        return len(target)
     if op == "bool":
-        return bool(target), ()
+        return bool(target)
     if op == "str":
-        return str(target), ()
+        return str(target)
     if op == "getitem":
-        return target[request[2]], ()
+        return target[request[2]]
     if op == "contains":
-        return request[2] in target, ()
+        return request[2] in target
+    if op == "eq":  # two of the program's own objects: its own __eq__ decides, as it would anywhere
+        return bool(target == request[2])
+    if op == "ne":
+        return bool(target != request[2])
     raise ValueError(f"unknown op {op!r}")
 
 
