@@ -42,6 +42,7 @@ class ExecutionOutcome:
     duration: float = 0.0
     code: str = ""  # the program that was executed (after extraction)
     error_tail: str = ""  # the first failing test's error tail
+    runners: int = 0  # sandbox processes started for it: 1, plus one per test after a timeout or a death
 
     @property
     def passed(self) -> int:

@@ -228,7 +228,8 @@ class Executor:
             outcomes.append(ExecutionOutcome(status=Status.PASSED if first is None else first.status, tests=tests,
                                              duration=float(res["duration"]),
                                              code=code if isinstance(code, str) else "",
-                                             error_tail=first.error_tail if first else ""))
+                                             error_tail=first.error_tail if first else "",
+                                             runners=int(res.get("runners", 0))))
         return outcomes
 
     def _run_one(self, i: int, job: Job) -> dict:

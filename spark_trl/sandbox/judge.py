@@ -410,6 +410,7 @@ class Judge:
         connection: RunnerConnection | None = None
         program_stores: list = []  # the program's top-level names, computed when a test needs them
         load_failure = None
+        runners = 0
         try:
             for test_code in test_codes:
                 if load_failure is not None:  # the program never loaded: every test fails the same way
@@ -419,6 +420,7 @@ class Judge:
                 deadline = time.monotonic() + timeout
                 try:
                     if connection is None:
+                        runners += 1
                         connection = self.spawn(job["setup"], code, job["memory_mb"], cpu, deadline)
                     connection.deadline = deadline
                     self.timer.arm(deadline - time.monotonic() + 0.25)
@@ -451,7 +453,7 @@ class Judge:
         finally:
             self.timer.disarm()
         self.pending = connection
-        return {"tests": results, "duration": time.perf_counter() - t0, "code": code}
+        return {"tests": results, "duration": time.perf_counter() - t0, "code": code, "runners": runners}
 
     def _extracted(self, job: dict) -> str:
         """The program in a raw completion, extracted here rather than on the caller's thread; under the job's
