@@ -61,12 +61,15 @@ def pivot_root(new_root: str, put_old: str) -> None:
     check(_libc.syscall(PIVOT_ROOT[ARCH], new_root.encode(), put_old.encode()), "pivot_root")
 
 
+# capset(2)'s arguments, made at import (in the zygote): ctypes objects made after a fork cost page copies.
+_CAP_HEADER = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+_CAP_NONE = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
+
+
 def drop_capabilities() -> None:
     """capset(2) with empty effective, permitted and inheritable sets: the runner keeps no capability, also in
     the user namespace it shares with the zygote (where it would otherwise hold all of them) and as root."""
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
-    check(_libc.syscall(CAPSET[ARCH], header, data), "capset")
+    check(_libc.syscall(CAPSET[ARCH], _CAP_HEADER, _CAP_NONE), "capset")
 
 
 def unshare(flags: int) -> None:

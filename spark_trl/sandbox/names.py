@@ -21,6 +21,8 @@ import importlib
 import sys
 
 _STORE_OPS = (dis.opmap["STORE_NAME"], dis.opmap["STORE_GLOBAL"], dis.opmap["EXTENDED_ARG"])
+_LOAD_NAME, _LOAD_GLOBAL = dis.opmap["LOAD_NAME"], dis.opmap["LOAD_GLOBAL"]
+_GLOBAL_SHIFT = 1 if sys.version_info >= (3, 11) else 0  # LOAD_GLOBAL's arg is namei << 1 | push-null since 3.11
 _STDLIB_MODULES = frozenset(getattr(sys, "stdlib_module_names", ())) | frozenset(sys.builtin_module_names)
 
 
@@ -44,14 +46,20 @@ def stored_names(code) -> set[str]:
 
 def free_globals(code) -> frozenset[str]:
     """Names ``code`` (a test; nested functions and comprehensions included) looks up as globals and does not
-    bind itself. Computed once per test: the judge caches compiled tests."""
+    bind itself: a raw scan for LOAD_NAME/LOAD_GLOBAL (inline caches read as opcode 0, which is skipped)."""
+    extended = _STORE_OPS[2]
     loads: set[str] = set()
     todo = [code]
     while todo:
         c = todo.pop()
-        for ins in dis.get_instructions(c):
-            if ins.opname in ("LOAD_NAME", "LOAD_GLOBAL"):
-                loads.add(ins.argval)
+        raw, co_names, ext = c.co_code, c.co_names, 0
+        for i in range(0, len(raw) - 1, 2):
+            op, arg = raw[i], raw[i + 1] | ext
+            ext = (arg << 8) if op == extended else 0
+            if op == _LOAD_NAME and arg < len(co_names):
+                loads.add(co_names[arg])
+            elif op == _LOAD_GLOBAL and arg >> _GLOBAL_SHIFT < len(co_names):
+                loads.add(co_names[arg >> _GLOBAL_SHIFT])
         todo += [k for k in c.co_consts if hasattr(k, "co_code")]
     return frozenset(loads - stored_names(code))
 

@@ -221,7 +221,7 @@ def decode(data: bytes, on_handle, budget: int | None = None, refs: list | None 
 
     No single step runs long in C: ints and Fraction parts are capped, and sets and dicts are filled one item at
     a time, so that a deadline signal interrupts even a frame of colliding hashes between two items."""
-    decoder = _Decoder(memoryview(data), on_handle, budget, refs, number)
+    decoder = _Decoder(data, on_handle, budget, refs, number)
     try:
         value = decoder.value(0)
     except WireError:
@@ -235,8 +235,8 @@ def decode(data: bytes, on_handle, budget: int | None = None, refs: list | None 
 
 
 class _Decoder:
-    def __init__(self, buf: memoryview, on_handle, budget: int | None, refs: list | None, number: bool):
-        self.buf, self.pos, self.on_handle = buf, 0, on_handle
+    def __init__(self, data: bytes, on_handle, budget: int | None, refs: list | None, number: bool):
+        self.data, self.buf, self.pos, self.on_handle = bytes(data), memoryview(data), 0, on_handle
         self.left = float("inf") if budget is None else budget
         self.refs = refs
         self.numbering = number and refs is not None
@@ -277,12 +277,14 @@ class _Decoder:
     def value(self, depth: int):
         if depth > MAX_DEPTH:
             raise WireError("nested too deep")
-        tag = bytes(self.buf[self.pos:self.pos + 1])
+        tag = self.data[self.pos:self.pos + 1]  # a one-byte bytes: CPython's cached singletons
         self.pos += 1
         cost = _COST.get(tag)
         if cost is None:
             raise WireError(f"unknown tag {tag!r}")
-        self.spend(cost)
+        self.left -= cost
+        if self.left < 0:
+            raise WireError("the reply decodes to more objects than the judge's budget")
         if tag == NONE:
             return None
         if tag == TRUE:
@@ -322,8 +324,8 @@ class _Decoder:
                 for _ in range(n):
                     items.add(self.value(depth + 1))
                 return items if tag == SET else frozenset(items)
-            if tag == TUPLE:
-                return tuple([self.value(depth + 1) for _ in range(n)])
+            if tag == TUPLE or not self.numbering:
+                return _SEQUENCES[tag]([self.value(depth + 1) for _ in range(n)])
             sequence = self.fresh(_SEQUENCES[tag]())  # numbered before its items, as the encoder did
             for _ in range(n):
                 sequence.append(self.value(depth + 1))

@@ -17,6 +17,7 @@ work dir, so that the judge can see how full it is.
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -65,6 +66,9 @@ def boot(sock: socket.socket, cfg: dict, root: str) -> None:
     except BaseException as exc:  # noqa: BLE001 - the judge reports it and fails to start
         sock.send(FAILED + f"{type(exc).__name__}: {exc}".encode()[:500])
         os._exit(1)
+    # Everything the zygote holds now is shared with its runners copy-on-write: keep the runners' garbage
+    # collections off it (a collection writes to every object it visits, copying the page in each runner).
+    gc.freeze()
     sock.send(READY)
     serve(sock, cfg, work, ruleset_fd)
 
