@@ -10,8 +10,8 @@ read-only view of the file system and a size-capped tmpfs as work dir (``isolati
 it assembles the Landlock ruleset and the seccomp filter that each runner applies to itself.
 
 Messages from the judge, one per datagram of a SOCK_SEQPACKET pair: ``SPAWN`` (the runner's limits as two
-numbers, the runner's socket as an fd) and ``SWEEP`` (kill whatever is left in the namespace, replace the work
-tmpfs). The reply to a spawn is the runner's pid, its pidfd and (with the private view) an ``O_PATH`` fd of the
+numbers, the runner's socket as an fd) and ``SWEEP`` (kill whatever is left in the namespace, empty the work
+tmpfs: its inode cap bounds what a runner can leave there; a new tmpfs where emptying fails). The reply to a spawn is the runner's pid, its pidfd and (with the private view) an ``O_PATH`` fd of the
 work dir, so that the judge can see how full it is.
 """
 
@@ -24,7 +24,7 @@ import signal
 import socket
 import struct
 
-from . import isolation, landlock, runner, seccomp, wire
+from . import isolation, landlock, runner, seccomp, wire, workdir
 
 SPAWN = b"S"
 SWEEP = b"W"
@@ -86,6 +86,7 @@ def _wait_for(pid: int) -> None:
 
 def serve(sock: socket.socket, cfg: dict, work: str, ruleset_fd: int | None) -> None:
     namespace_init = cfg["pidns"] and os.getpid() == 1
+    work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY) if cfg["mountns"] else None  # the judge's view of it
     while True:
         readable, _, _ = select.select([sock], [], [], 0.2)
         _reap()
@@ -108,8 +109,12 @@ def serve(sock: socket.socket, cfg: dict, work: str, ruleset_fd: int | None) -> 
                 pass
             _reap()
         if op == SWEEP:
-            if cfg["mountns"]:
+            if cfg["mountns"] and not workdir.empty(work, MAX_FILES + 1, 5.0):
+                # Emptying (at most MAX_FILES entries, usually none) is cheaper than a new tmpfs, whose
+                # unmount waits for an RCU grace period; the new tmpfs is the fallback that cannot fail.
                 isolation.fresh_work_dir(work, cfg["disk_mb"], MAX_FILES)
+                os.close(work_fd)
+                work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY)
             continue
         runner_sock = socket.socket(fileno=fds[0])
         pid = os.fork()
@@ -117,12 +122,9 @@ def serve(sock: socket.socket, cfg: dict, work: str, ruleset_fd: int | None) -> 
             sock.close()
             runner.start(runner_sock, dict(cfg, memory_mb=memory_mb, cpu_seconds=cpu_seconds), work, ruleset_fd)
         runner_sock.close()
-        reply_fds = [os.pidfd_open(pid)]  # before any reaping: the pid cannot have been reused
-        if cfg["mountns"]:
-            reply_fds.append(os.open(work, os.O_PATH | os.O_DIRECTORY))
-        socket.send_fds(sock, [wire.HANDLE_ID.pack(pid)], reply_fds)
-        for fd in reply_fds:
-            os.close(fd)
+        pidfd = os.pidfd_open(pid)  # before any reaping: the pid cannot have been reused
+        socket.send_fds(sock, [wire.HANDLE_ID.pack(pid)], [pidfd] + ([work_fd] if work_fd is not None else []))
+        os.close(pidfd)
 
 
 def _reap() -> None:
