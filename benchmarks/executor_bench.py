@@ -15,9 +15,9 @@ Harnesses (all score the same programs against the same MBPP tests and must agre
 Sets: the 426 MBPP reference solutions other than task 123 (it burns ~4 s of CPU), the same problems with a
 wrong answer, and a slice of infinite loops (1 s deadline).
 
-Run it with the venv interpreter (the base python3 on the dev machine loads a slow .pth hook):
+Run it with the project's venv interpreter (a system python3 may load slow .pth hooks):
 
-    /work/venv/bin/python benchmarks/executor_bench.py [--workers N] [--skip-study]
+    .venv/bin/python benchmarks/executor_bench.py [--workers N] [--skip-study]
 """
 
 from __future__ import annotations
