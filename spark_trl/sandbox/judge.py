@@ -2,9 +2,11 @@
 
 A judge is a fresh interpreter (``python -I -S -B``, scrubbed environment; see ``executor.py``) that imports
 the common stdlib modules, forks its zygote before it has seen any job, then serves jobs from its caller: it
-compiles the program (a failure is a syntax error, no process needed), asks the zygote for a runner and runs
-each test in a fresh namespace of builtins + the test setup, where each name the test needs from the program
-is a ``RemoteObject``: calling it sends the arguments to the runner as plain data and decodes the result.
+extracts the program from a raw completion when asked (``Job.extract``), compiles it (a failure is a syntax
+error, no process needed), asks the zygote for a runner, sends the program to the runner, and runs each test in
+a fresh namespace of builtins + the test setup + the test's free names (``names.py``), where each name the test
+takes from the program is a ``RemoteObject``: calling it sends the arguments to the runner as plain data and
+decodes the result within a budget (``wire.py``).
 
 A test passes only when the judge ran it to the end without an exception. Its class comes from what happened:
 the test's own ``AssertionError`` is a wrong answer; an exception the program raised, a runner that died or
@@ -342,8 +344,8 @@ class Judge:
     # ---------------------------------------------------------------- runners
     def spawn(self, setup: str, code: str, memory_mb: int, cpu_seconds: int, deadline: float) -> RunnerConnection:
         """Ask the zygote for a runner on a socket pair of ours, then send the program to the runner itself (the
-        zygote never holds one). One-way (the zygote's reply is read at kill time), so the first test's request
-        is already queued when the runner starts serving."""
+        zygote never holds one). One-way (the zygote's reply is read when first needed), so the first test's
+        request is already queued when the runner starts serving."""
         mine, theirs = socket.socketpair()
         try:
             socket.send_fds(self.zygote_sock, [zygote.SPAWN + zygote.SPAWN_LIMITS.pack(memory_mb, cpu_seconds)],
@@ -367,7 +369,7 @@ class Judge:
         return connection
 
     def cleanup(self, connection: RunnerConnection) -> None:
-        """Kill the runner; the zygote sweeps its namespace and replaces the work tmpfs, or (without them) the
+        """Kill the runner; the zygote sweeps its namespace and empties the work tmpfs, or (without them) the
         judge empties the work dir itself."""
         connection.kill()
         if self.cfg["pidns"] or self.cfg["mountns"]:
