@@ -225,9 +225,12 @@ def split_humaneval_test(test: str, entry_point: str) -> tuple[str, ...]:
     """HumanEval's ``check(candidate)`` as separate tests, for partial credit, where that is faithful.
 
     A check is split when its body is a prelude of statements that do not call the candidate followed only by
-    assert statements: each test is then the prelude plus one assert that uses the candidate (asserts that do
-    not, like ``assert True``, would be free credit and are dropped). Anything else (loops, asserts depending
-    on earlier candidate calls) stays one whole test. Every test ends by calling ``check(<entry_point>)``.
+    assert statements: each test is then the prelude plus one assert that uses the candidate. Dropped, as free
+    credit: asserts that do not use it (``assert True``), and asserts that also call the entry point by its
+    name, which in HumanEval's harness is the candidate itself (HumanEval/33 compares ``candidate(l)`` with
+    ``sort_third(l)``: a self-comparison that any program passes alone). Anything else (loops, asserts
+    depending on earlier candidate calls, a prelude naming the entry point) stays one whole test, where such
+    asserts only ever add to the others. Every test ends by calling ``check(<entry_point>)``.
     """
     tree = ast.parse(test, "<dataset>")
     checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
@@ -240,12 +243,12 @@ def split_humaneval_test(test: str, entry_point: str) -> tuple[str, ...]:
     body = list(check.body)
     prelude = []
     while body and not isinstance(body[0], ast.Assert):
-        if _mentions(body[0], param):
+        if _mentions(body[0], param) or _mentions(body[0], entry_point):
             return whole
         prelude.append(body.pop(0))
     if not body or not all(isinstance(n, ast.Assert) for n in body):
         return whole
-    asserts = [n for n in body if _mentions(n.test, param)]
+    asserts = [n for n in body if _mentions(n.test, param) and not _mentions(n, entry_point)]
     if len(asserts) < 1:
         return whole
     head = "".join(ast.unparse(n) + "\n" for n in header)

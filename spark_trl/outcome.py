@@ -45,6 +45,7 @@ class ExecutionOutcome:
     # The program makes no attempt at the problem (a stub: no entry point, or a body that only returns a constant,
     # passes or holds a docstring); set by ExecutionReward, see spark_trl.reward.is_no_attempt.
     no_attempt: bool = False
+    runners: int = 0  # sandbox processes started for it: 1, plus one per test after a timeout or a death
 
     @property
     def passed(self) -> int:

@@ -72,6 +72,10 @@ def signature_of(code: str, name: str) -> str | None:
 _FENCE = re.compile(r"^[ \t]*(```|~~~)[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
 _PY_TAGS = {"python", "py", "python3", "py3", ""}
 _MAX_TRAILING_LINES = 64
+# Characters compiled while cutting trailing prose, beyond the first try: every cut point of a normal completion,
+# a few for megabytes (each try compiles nearly the whole text), so that extraction stays linear.
+_TRAILING_COMPILE_BUDGET = 1 << 20
+_TRAILING_COMPILE_FACTOR = 8
 # A line opening a Python statement: keyword, decorator, comment, assignment or call.
 _PY_START = re.compile(r"^(?:(?:def|class|async|import|from|if|elif|else|for|while|try|except|finally|with|return|"
                        r"assert|raise|print)\b|[@#]|[A-Za-z_][\w.]*\s*(?:=|\(|\[))")
@@ -79,7 +83,8 @@ _CODE_START = re.compile(r"^(?:def |async def |class |from |import |@)", re.M)
 
 
 def _defines(code: str, name: str) -> bool:
-    return re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{re.escape(name)}\b", code, re.M) is not None
+    # [ \t] rather than \s: `^\s*` would rescan a run of blank lines from each of its lines (quadratic).
+    return re.search(rf"^[ \t]*(?:async[ \t]+)?(?:def|class)[ \t]+{re.escape(name)}\b", code, re.M) is not None
 
 
 def extract_code(completion: str, entry_point: str | None = None) -> str:
@@ -89,6 +94,10 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
     else the first Python block), unterminated fences (truncated generations) and prose before or after
     unfenced code.
 
+    Never raises on a ``str`` (what cannot be extracted is returned stripped, for ``compile`` to judge) and costs
+    a bounded number of passes over the text. The execution reward runs it in the sandbox's judge, off the
+    trainer's thread.
+
     Example:
     ```python
     >>> extract_code("Here you go:\\n```python\\ndef f(x):\\n    return x\\n```\\nHope it helps!")
@@ -97,6 +106,13 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
     """
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a str, got {type(completion).__name__}")
+    try:
+        return _extract(completion, entry_point)
+    except (RecursionError, MemoryError, ValueError):
+        return completion.strip()
+
+
+def _extract(completion: str, entry_point: str | None) -> str:
     matches = list(_FENCE.finditer(completion))
     blocks = [(m.group(2).lower(), m.group(3)) for m in matches]
     python_blocks = [body for tag, body in blocks if tag in _PY_TAGS]
@@ -117,7 +133,7 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
 def _compiles(code: str) -> bool:
     try:
         compile(code, "<completion>", "exec")
-    except (SyntaxError, ValueError):  # ValueError: null bytes
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):  # null bytes, `1-1-1-...`
         return False
     return True
 
@@ -143,13 +159,20 @@ def _strip_prose(text: str) -> str:
     if match is None:
         return text.strip()
     head, body = text[:match.start()].splitlines(), text[match.start():].split("\n")
-    while head and not _is_prose(head[-1]):  # code (and blank) lines just above the first def
-        body.insert(0, head.pop())
+    kept = 0
+    while kept < len(head) and not _is_prose(head[-1 - kept]):  # code (and blank) lines just above the first def
+        kept += 1
+    if kept:
+        body = head[len(head) - kept:] + body
     # Bounded search, so that megabytes of junk cost a bounded number of compiles.
+    budget = _TRAILING_COMPILE_BUDGET + _TRAILING_COMPILE_FACTOR * len(text)
     for end in range(len(body), max(0, len(body) - _MAX_TRAILING_LINES), -1):
         if end < len(body) and not _is_prose(body[end]):
             continue
         candidate = "\n".join(body[:end]).rstrip()
+        budget -= len(candidate)
+        if budget < 0:
+            break
         if _compiles(candidate):
             return candidate.strip("\n")
     return "\n".join(body).strip()

@@ -49,7 +49,6 @@ import threading
 from typing import Any, Callable, Sequence
 
 from .outcome import ExecutionOutcome, Status, TestResult
-from .prompts import extract_code
 from .sandbox import Executor, Job, get_executor
 
 REWARD_MODES = ("progress", "binary", "study")
@@ -377,9 +376,10 @@ class ExecutionReward:
                                       error_tail=f"completion is a {type(completion).__name__}, not text")] * len(t),
                     error_tail=f"completion is a {type(completion).__name__}, not text")
                 continue
-            code = extract_code(text, entries[i] or None)
-            jobs.append(Job(code=code, tests=list(t), setup=setups[i] or "", timeout=self.timeout, task_id=name,
-                            entry_point=entries[i] or ""))
+            # The judge extracts the program (off this thread, under the job's deadline): no completion can
+            # make this call raise or stall.
+            jobs.append(Job(code=text, tests=list(t), setup=setups[i] or "", timeout=self.timeout, task_id=name,
+                            entry_point=entries[i] or "", extract=True))
             slots.append(i)
         for i, outcome in zip(slots, executor.run(jobs) if jobs else []):
             outcomes[i] = outcome

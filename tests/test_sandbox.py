@@ -36,7 +36,8 @@ def assert_clean(ex: Executor, settle: float = 3.0) -> None:
     end = time.monotonic() + settle
     while True:
         extra = {j.popen.pid: _descendants(j.popen.pid) for j in ex._judges if j is not None}
-        leftovers = {j.root: os.listdir(j.root) for j in ex._judges if j is not None and os.path.isdir(j.root)}
+        leftovers = {j.root: os.listdir(os.path.join(j.root, "work")) for j in ex._judges
+                     if j is not None and os.path.isdir(os.path.join(j.root, "work"))}
         if all(len(v) == expected for v in extra.values()) and not any(leftovers.values()):
             return
         if time.monotonic() > end:
@@ -89,8 +90,36 @@ def test_wire_namedtuple_crosses_as_its_values():
     assert decode(encode(P(1, 2), lambda o: 0), lambda h: h) == (1, 2)
 
 
+def test_wire_dict_views_cross_as_views():
+    import collections
+
+    for view in ({1: 2}.keys(), {1: [2]}.values(), {1: 2}.items(), collections.OrderedDict(a=1).keys()):
+        decoded = decode(encode(view, lambda o: pytest.fail("not plain")), lambda h: pytest.fail("handle"))
+        assert list(decoded) == list(view) and type(decoded).__name__.endswith(type(view).__name__[-4:])
+    assert decode(encode({1: 2, 3: 4}.keys(), None), None) == {1, 3}
+
+
+def test_wire_containers_of_a_request_keep_their_identity():
+    shared = [1]
+    cyclic: list = []
+    cyclic.append(cyclic)
+    sent: list = []
+    data = encode((shared, {"k": shared}, (cyclic,)), None, registry=sent)
+    assert sent[0] is shared and sent[2] is cyclic  # numbered in the order met; the alias is a reference
+    received: list = []
+    a, d, (c,) = decode(data, None, refs=received, number=True)
+    assert d["k"] is a and c[0] is c and len(received) == 3
+    # A reply refers to the request's containers by number: the sender gets its own objects back.
+    known = {id(obj): n for n, obj in enumerate(received)}
+    assert decode(encode([a, c], None, known=known), None, refs=sent) == [shared, cyclic]
+    assert decode(encode([a, c], None, known=known), None, refs=sent)[0] is shared
+    with pytest.raises(WireError):
+        decode(encode(a, None, known=known), None)  # a reference with no request to refer to
+
+
 @pytest.mark.parametrize("junk", [b"", b"z", b"l\x00\x00\x00\x02N", b"s\xff\xff\xff\xffab", b"NN", b"i\x00\x00\x00\x09",
-                                  b"h\x00", b"d\x00\x00\x00\x01l\x00\x00\x00\x00N"])
+                                  b"h\x00", b"d\x00\x00\x00\x01l\x00\x00\x00\x00N", b"R\x00\x00\x00\x05",
+                                  b"K\x00\x00\x00\x01l\x00\x00\x00\x00"])
 def test_wire_rejects_malformed_frames(junk):
     with pytest.raises(WireError):
         decode(junk, lambda h: h)
@@ -131,20 +160,18 @@ def test_program_compiles_as_plain_python_would(ex):
 
 def test_slow_test_fails_alone_and_loops_are_killed(ex):
     code = "def f(x):\n    while x == 2:\n        pass\n    return x"
-    t0 = time.monotonic()
     (out,) = ex.run([Job(code, ["assert f(1) == 1", "assert f(2) == 2", "assert f(3) == 3"], timeout=1.0)])
     assert [t.status for t in out.tests] == [Status.PASSED, Status.TIMEOUT, Status.PASSED]
-    assert out.status is Status.TIMEOUT
-    assert 0.9 < out.tests[1].duration < 2.0
-    assert time.monotonic() - t0 < 6
+    assert out.status is Status.TIMEOUT and out.tests[1].error_type == "Timeout"
+    assert out.tests[1].duration >= 1.0  # the deadline never fires early
+    assert out.runners == 2  # the looping runner was killed; the third test ran on a fresh one
     assert_clean(ex)
 
 
 def test_infinite_loop_at_import_times_out_once(ex):
-    t0 = time.monotonic()
     (out,) = ex.run([Job("while True:\n    pass", ["assert f(1)", "assert f(2)"], timeout=1.0)])
     assert [t.status for t in out.tests] == [Status.TIMEOUT, Status.TIMEOUT]
-    assert time.monotonic() - t0 < 3.5
+    assert out.runners == 1  # loaded once: the second test shares the first one's failure, no second wait
 
 
 def test_remote_handles_mutation_and_iteration(ex):
@@ -193,16 +220,56 @@ def test_isolation_seen_from_inside(ex, monkeypatch):
     assert out.status is Status.PASSED, [(t.status, t.error_tail) for t in out.tests]
 
 
-def test_layers_probed_honestly(ex):
-    # This machine (and CI) runs as root on a recent kernel: every layer is available and switched on.
-    # On other machines the probe reports a reason and the executor warns once; assert consistency.
-    for layer in ("userns", "pidns", "seccomp", "landlock"):
-        assert ex.layers[layer] == (ex.probe[layer] is None)
-    if ex.probe["seccomp"] is None:
-        (out,) = ex.run([Job("import socket\ndef f():\n    try:\n        socket.socket()\n"
-                             "    except PermissionError:\n        return 'blocked'\n    return 'open'",
-                             ["assert f() == 'blocked'"])])
-        assert out.status is Status.PASSED
+LAYER_PROBE = """
+import os, socket
+def pidns():  # the runner's parent is the zygote, pid 1 of its namespace
+    return os.getppid() == 1
+def seccomp():
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except PermissionError:
+        return True
+    return False
+def readable(path):  # Landlock: PermissionError; the private view: the file is not there
+    try:
+        open(path, 'rb').close()
+        return 'read'
+    except PermissionError:
+        return 'denied'
+    except FileNotFoundError:
+        return 'absent'
+def work_dir_size():
+    st = os.statvfs('.')
+    return st.f_blocks * st.f_frsize
+def nproc_limited():  # RLIMIT_NPROC counts per user namespace: set only inside one
+    import resource
+    return resource.getrlimit(resource.RLIMIT_NPROC) == (32, 32)
+"""
+
+
+@pytest.mark.parametrize("layers", [{}, {"namespaces": False}, {"seccomp": False}, {"landlock": False},
+                                    {"namespaces": False, "seccomp": False, "landlock": False}])
+def test_layers_reported_are_the_layers_in_force(tmp_path, layers):
+    """What ``ex.layers`` says is on, a program sees from inside; what it says is off, it does not."""
+    host_file = tmp_path / "host.txt"
+    host_file.write_text("x")
+    with Executor(workers=1, timeout=5.0, disk_mb=8, **layers) as one:
+        on = one.layers
+        for key, wanted in (("namespaces", ("userns", "pidns", "mountns")), ("seccomp", ("seccomp",)),
+                            ("landlock", ("landlock",))):
+            if layers.get(key, True) is False:
+                assert not any(on[layer] for layer in wanted)  # off when asked off, whatever the machine has
+        expected_read = "absent" if on["mountns"] else "denied" if on["landlock"] else "read"
+        tests = [f"assert pidns() == {on['pidns']}", f"assert seccomp() == {on['seccomp']}",
+                 f"assert readable({str(host_file)!r}) == {expected_read!r}"]
+        if on["mountns"]:
+            tests.append("assert work_dir_size() == 8 << 20")
+        tests.append(f"assert nproc_limited() == {on['userns']}")
+        (out,) = one.run([Job(LAYER_PROBE, tests)])
+        assert out.all_passed, [(t.status, t.error_tail[-200:]) for t in out.tests]
+    if not layers and os.getuid() == 0:
+        # This machine (and CI) runs as root on a recent kernel: every layer is available and on by default.
+        assert all(on.values()), on
 
 
 def test_judge_death_is_survived_and_replaced():
@@ -226,18 +293,35 @@ def test_dataset_faults_raise_before_running(ex):
 
 
 def test_order_kept_and_parallel(ex):
+    import threading
+
     jobs = [Job(f"def f():\n    return {i}", [f"assert f() == {i}"]) for i in range(40)]
     out = ex.run(jobs)
     assert all(o.status is Status.PASSED for o in out)
-    slow = [Job("import time\ndef f():\n    time.sleep(0.6)\n    return 1", ["assert f() == 1"])] * 2
-    t0 = time.monotonic()
-    assert all(o.all_passed for o in ex.run(slow))
-    assert time.monotonic() - t0 < 1.15  # both ran at once on the two judges
+    # Two slow programs: at some moment both judges have a runner (counted in /proc), i.e. they ran at once.
+    assert_clean(ex)  # the last runners of a batch are cleaned up after its results went out
+    idle = {j.popen.pid: len(_descendants(j.popen.pid)) for j in ex._judges}
+    busy_at_once, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            busy_at_once.append(sum(len(_descendants(pid)) > n for pid, n in idle.items()))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        slow = [Job("import time\ndef f():\n    time.sleep(1.0)\n    return 1", ["assert f() == 1"])] * 2
+        assert all(o.all_passed for o in ex.run(slow))
+    finally:
+        done.set()
+        watcher.join()
+    assert max(busy_at_once) == 2
     assert_clean(ex)
 
 
 def test_stale_work_dirs_of_dead_judges_are_removed(tmp_path):
-    from spark_trl.sandbox import _remove_stale_roots
+    from spark_trl.sandbox.workdir import remove_stale_roots as _remove_stale_roots
 
     dead = tmp_path / "spark-trl-judge-999999999-abc"  # above pid_max: no such process
     alive = tmp_path / f"spark-trl-judge-{os.getpid()}-abc"
