@@ -499,17 +499,15 @@ class StudyRunner:
     def build_trainer(self, dataset, model=None, tokenizer=None):
         from trl import get_peft_config
 
-        from .models import load_model, load_tokenizer
+        from .models import load_model_from_args, load_tokenizer
         from .reward import ExecutionReward
         from .trainer import SparkGRPOTrainer
 
         margs, study = self.model_args, self.study
         if tokenizer is None:
-            tokenizer = load_tokenizer(margs.model_name_or_path)
+            tokenizer = load_tokenizer(margs.model_name_or_path, revision=margs.model_revision)
         if model is None:
-            model = load_model(margs.model_name_or_path, load_in_4bit=margs.load_in_4bit, dtype=margs.dtype,
-                               attn_implementation=margs.attn_implementation,
-                               quant_storage=margs.bnb_4bit_quant_storage)
+            model = load_model_from_args(margs)  # every model option of the recipe (MODEL_CONFIG_FIELDS)
         reward = ExecutionReward(syntax_penalty=study.syntax_penalty, runtime_penalty=study.runtime_penalty,
                                  timeout_penalty=study.timeout_penalty, wrong_answer_floor=study.wrong_answer_floor,
                                  timeout=study.exec_timeout)
