@@ -41,6 +41,7 @@ from trl.trainer.utils import pad, split_tensor_dict, use_adapter
 from .configs import SparkGRPOConfig, check_group_sizes
 from .outcome import ExecutionOutcome
 from .recycling import AuxiliaryObjective, RecyclingObjective, Rollout
+from .sampling import CoveringRepeatSampler
 
 
 @dataclass
@@ -341,6 +342,15 @@ class SparkGRPOTrainer(GRPOTrainer):
         return int(self.accelerator.gather(t).max().item())
 
     # ------------------------------------------------------------------------------------------------ generation
+
+    def _get_train_sampler(self, dataset=None):
+        # Replaces GRPOTrainer._get_train_sampler: the same sampler without the dropped remainder, so that every
+        # problem of an epoch is trained on (see spark_trl.sampling).
+        sampler = super()._get_train_sampler(dataset)
+        if not self._spark_path:
+            return sampler
+        return CoveringRepeatSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
+                                     sampler.repeat_count, sampler.shuffle, sampler.seed)
 
     def _prepare_inputs(self, generation_batch):
         # Replaces GRPOTrainer._prepare_inputs in training: the generation batch comes back already shuffled and

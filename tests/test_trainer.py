@@ -245,3 +245,19 @@ def test_impossible_group_sizes_fail_at_config_time(tmp_path, sizes, message):
 
     with pytest.raises(ValueError, match=message):
         SparkGRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **sizes)
+
+
+def test_every_problem_of_an_epoch_is_trained_on(tiny_model_path, tmp_path):
+    """6 problems, 4 prompts per generation batch: TRL's sampler would drop the last 2 problems of every epoch; here
+    the last generation batch holds them plus the first 2 of the epoch's permutation."""
+    reward = PromptKeyedReward()
+    names = [f"vary{i}" for i in range(6)]
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2,
+                 min_generations=2, max_generations=2, loss_type="spark", shuffle_dataset=True)
+    trainer = SparkGRPOTrainer(model=tiny_model_path, reward_funcs=reward, args=args, train_dataset=_dataset(names))
+    trainer.train()
+    assert trainer.state.global_step == 4  # 2 epochs of 2 generation batches, one optimizer step each
+    for epoch in (reward.calls[:2], reward.calls[2:]):
+        seen = [t for call in epoch for t in call[::2]]  # one entry per group
+        assert len(seen) == 8 and set(seen) == set(names)
+        assert seen[6:] == seen[:2]  # the remainder batch is filled from the start of the same permutation

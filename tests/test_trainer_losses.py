@@ -123,3 +123,21 @@ def test_rollout_engine_auto_picks_the_fast_engine_only_where_it_can_run(tmp_pat
     assert resolve_rollout_engine(SimpleNamespace(**{**gpu, "deepspeed": "zero2.json"})) == "trl"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert resolve_rollout_engine(SimpleNamespace(**gpu)) == "trl"
+
+
+def test_covering_sampler_visits_all_311_problems_every_epoch():
+    """TRL's RepeatSampler visits 308 of 311 problems per epoch with 4 prompts per generation batch."""
+    from trl.trainer.utils import RepeatSampler
+
+    from spark_trl.sampling import CoveringRepeatSampler
+
+    pool = list(range(311))
+    trl = RepeatSampler(pool, mini_repeat_count=4, batch_size=4, repeat_count=2, seed=42)
+    ours = CoveringRepeatSampler(pool, mini_repeat_count=4, batch_size=4, repeat_count=2, seed=42)
+    assert len(set(trl)) == 308
+    for _ in range(2):  # two epochs: a fresh permutation each
+        order = list(ours)
+        assert len(order) == len(ours) == 78 * 4 * 4 * 2 and set(order) == set(pool)
+        # Each generation batch is 4 prompts x 4 completions, repeated twice: one entry per prompt.
+        first = [order[batch * 32 + 4 * j] for batch in range(78) for j in range(4)]
+        assert first[311:] == first[:1]  # the last batch: 3 new problems and the epoch's first
