@@ -322,8 +322,9 @@ This adapter: {scores}.
 ## Evaluation results
 
 {results_table(rows, benchmarks)}
-Train pass rate: share of the iteration's rollouts that passed every test. GRPO KL: mean per-token KL to the
-reference policy on training rollouts. Iteration 0 is the base model.
+Train pass rate: share of the iteration's rollouts that passed every test. GRPO KL: KL to the reference policy
+on the training rollouts in the loss, each sequence's mean per-token k3 estimate averaged over sequences (the
+reference card's measure). Iteration 0 is the base model.
 
 ## Usage
 
@@ -599,7 +600,9 @@ class StudyRunner:
         """The trainer's statistics of the epoch just finished (global over ranks), under the row's names."""
         trainer = self.trainer
         stats = trainer.spark_stats_history[-1] if trainer.spark_stats_history else trainer.spark_stats
-        names = {"train_pass_rate": "train_pass_rate", "mean_kl": "kl", "mean_completion_tokens": "completion_tokens",
+        # "kl" is the reference card's GRPO KL: the mean over sequences of each sequence's mean per-token KL.
+        names = {"train_pass_rate": "train_pass_rate", "mean_kl_per_sequence": "kl", "mean_kl": "kl_token_weighted",
+                 "mean_completion_tokens": "completion_tokens",
                  "mean_group_size": "mean_group_size", "group_sizes": "group_sizes", "mean_reward": "reward",
                  "frac_groups_topped_up": "frac_groups_topped_up", "rollouts": "train_rollouts",
                  "aux_mean_loss": "aux_loss", "aux_examples": "aux_examples"}

@@ -70,6 +70,10 @@ class SparkStats:
     tokens_saved: float = 0.0  # estimated completion tokens not generated versus always max_generations
     kl_sum: float = 0.0  # token-weighted, over sequences in the loss
     kl_tokens: int = 0
+    kl_seq_sum: float = 0.0  # sum over sequences in the loss of each sequence's token-mean KL (the card's KL)
+    kl_seqs: int = 0
+    optimizer_steps: int = 0  # optimizer steps taken with a gradient
+    optimizer_steps_skipped: int = 0  # optimizer steps in which no rank had anything in the loss: not taken
     ref_forward_sequences: int = 0  # sequences that went through the reference forward
     aux_examples: Counter = field(default_factory=Counter)
     aux_loss_sum: float = 0.0
@@ -82,6 +86,7 @@ class SparkStats:
         return {
             "train_pass_rate": ratio(self.rollouts_passed, self.rollouts_with_outcome),
             "mean_kl": ratio(self.kl_sum, self.kl_tokens),
+            "mean_kl_per_sequence": ratio(self.kl_seq_sum, self.kl_seqs),
             "mean_completion_tokens": ratio(self.completion_tokens, self.rollouts),
             "mean_reward": ratio(self.reward_sum, self.reward_count),
             "mean_group_size": ratio(sum(k * v for k, v in self.group_sizes.items()), self.groups),
@@ -96,6 +101,8 @@ class SparkStats:
             "aux_examples": dict(self.aux_examples),
             "aux_mean_loss": ratio(self.aux_loss_sum, self.aux_steps),
             "aux_steps": self.aux_steps,
+            "optimizer_steps": self.optimizer_steps,
+            "optimizer_steps_skipped": self.optimizer_steps_skipped,
         }
 
 
@@ -218,6 +225,8 @@ class SparkGRPOTrainer(GRPOTrainer):
             self._engine = FastRolloutEngine(unwrapped, self.processing_class, args)
 
         self._rollout_global_step = -1  # optimizer step at which the buffered rollout was generated
+        self._micro_step_rows: list[int] = []  # per micro-step of the buffered batch: rows in the loss, all ranks
+        self._step_had_backward = False  # whether the optimizer step in progress has run a backward yet
         self._stats = SparkStats()
         self.spark_stats_history: list[dict[str, Any]] = []
         self._epoch_rollouts: list[Rollout] = []
@@ -352,12 +361,43 @@ class SparkGRPOTrainer(GRPOTrainer):
         return CoveringRepeatSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
                                      sampler.repeat_count, sampler.shuffle, sampler.seed)
 
+    def training_step(self, model, inputs, num_items_in_batch):
+        # Wraps GRPOTrainer.training_step: a micro-step in which no rank has anything in the loss runs no forward
+        # and no backward, so that an optimizer step without any leaves every gradient None and AdamW (which skips
+        # parameters without a gradient) moves nothing: no momentum, no weight decay. Every rank decides alike.
+        if not self._spark_path:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()  # as Trainer.training_step does before preparing the inputs
+        batch = self._prepare_inputs(inputs)
+        sync = self.accelerator.sync_gradients  # the last micro-step of the optimizer step
+        empty = self._micro_step_rows[self._step % self.args.steps_per_generation] == 0
+        # A step whose earlier micro-steps ran a backward must still run its last one: the gradient all-reduce
+        # (DDP) or reduce-scatter (FSDP) happens there. DeepSpeed counts backward calls to find its accumulation
+        # boundary, so under DeepSpeed nothing is skipped.
+        skip = empty and not (sync and self._step_had_backward) and not self.is_deepspeed_enabled
+        if skip:
+            self._step += 1  # what GRPOTrainer.training_step counts
+            loss = torch.zeros((), device=self.accelerator.device)
+        else:
+            loss = super().training_step(model, batch, num_items_in_batch)
+            self._step_had_backward = True
+        if sync:
+            if self._step_had_backward:
+                self._stats.optimizer_steps += 1
+            else:
+                self._stats.optimizer_steps_skipped += 1
+                self._metrics["train"]["spark/optimizer_step_skipped"].append(1.0)
+            self._step_had_backward = False
+        return loss
+
     def _prepare_inputs(self, generation_batch):
         # Replaces GRPOTrainer._prepare_inputs in training: the generation batch comes back already shuffled and
         # ordered into steps_per_generation equal micro-batches (TRL's shuffle + split would drop the remainder
         # rows of a batch whose size varies with the top-ups).
         if not (self._spark_path and self.model.training):
             return super()._prepare_inputs(generation_batch)
+        if isinstance(generation_batch, dict):  # a micro-batch that training_step has already prepared
+            return generation_batch
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score_completions(generation_batch)
@@ -619,7 +659,12 @@ class SparkGRPOTrainer(GRPOTrainer):
         loss_mask = batch["completion_mask"] * batch["tool_mask"]
         batch["num_items_in_batch"] = torch.tensor(self._reduce_sum([float(loss_mask.sum())])[0], device=device)
         batch["num_sequences"] = torch.tensor(float(kept), device=device)
-        self._add_logps(batch, src, real)
+        local_rows = [sum(real[j * per_step:(j + 1) * per_step]) for j in range(spg)]
+        if self._aux_on and args.aux_mode == "joint":  # an auxiliary batch is something in the loss too
+            local_rows = [n + len(b) for n, b in zip(local_rows, self._joint_aux_batches)]
+        self._micro_step_rows = [int(x) for x in self._reduce_sum(local_rows)]
+        if kept or sum(self._micro_step_rows) or self._step_had_backward:  # else no rank runs a forward
+            self._add_logps(batch, src, real)
         self._rollout_global_step = self.state.global_step
         return batch
 
@@ -774,7 +819,8 @@ class SparkGRPOTrainer(GRPOTrainer):
         stats = [float((ratio * maskf).sum()), float(maskf.sum()), float((low * maskf).sum()),
                  float((high * maskf).sum())]
         if kl is not None:
-            stats.append(float((kl.detach() * maskf).sum()))
+            kl_token_sum, _, kl_seq_sum, kl_seqs = kl_sums(kl.detach(), maskf, inputs["seq_weight"])
+            stats += [kl_token_sum, kl_seq_sum, kl_seqs]
         red = self._reduce_sum(stats)
         tok = max(red[1], 1.0)
         m = self._metrics["train"]
@@ -784,8 +830,12 @@ class SparkGRPOTrainer(GRPOTrainer):
         m["clip_ratio/region_mean"].append((red[2] + red[3]) / tok)
         if kl is not None:
             m["kl"].append(red[4] / tok)
+            if red[6]:
+                m["kl/sequence_mean"].append(red[5] / red[6])  # the reference card's "GRPO KL"
             self._stats.kl_sum += red[4]
             self._stats.kl_tokens += int(red[1])
+            self._stats.kl_seq_sum += red[5]
+            self._stats.kl_seqs += int(red[6])
         return loss
 
     # ------------------------------------------------------------------------------------------------ auxiliary
@@ -903,6 +953,28 @@ def spark_policy_loss(logps, old_logps, ref_logps, advantages, mask, epsilon_low
     maskf = mask.to(per_token.dtype)
     per_seq = (per_token * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)
     return per_seq, ratio, kl
+
+
+def kl_sums(kl: torch.Tensor, mask: torch.Tensor, seq_weight: torch.Tensor) -> list[float]:
+    """Sums for the two averages of a per-token KL (B, T) over the sequences in the loss (seq_weight 1):
+
+        token-weighted  = sum_i sum_t kl_it / sum_i |o_i|                        (TRL's logged "kl")
+        sequence mean   = 1/N sum_i (1/|o_i| sum_t kl_it)                      (the reference card's "GRPO KL")
+
+    Returns [sum of kl over tokens, tokens, sum of the sequences' token means, sequences N]; sums, so that ranks
+    and micro-steps can be added before dividing.
+
+    Example:
+    ```python
+    >>> kl_sums(torch.tensor([[0.1, 0.3], [0.5, 0.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]]), torch.ones(2))
+    [0.9, 3.0, 0.7, 2.0]
+    ```
+    """
+    mask = mask.float()
+    in_loss = (mask.sum(-1) > 0).float() * seq_weight.float()
+    mask = mask * in_loss.unsqueeze(1)
+    per_seq = (kl.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return [round(float(x), 12) for x in ((kl.float() * mask).sum(), mask.sum(), per_seq.sum(), in_loss.sum())]
 
 
 def group_advantages(rewards: torch.Tensor, group_of: torch.Tensor, std: str = "population", epsilon: float = 1e-8,

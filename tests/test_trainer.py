@@ -92,19 +92,40 @@ def test_steps_per_generation_and_accumulation_use_every_kept_row_once(tiny_mode
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
 
 
-def test_all_groups_flat_still_steps_with_zero_loss(tiny_model_path, tmp_path):
-    """No group has variance: nothing is in the loss, yet every micro-step runs one forward/backward on a
-    zero-weight row (as every rank must under DDP) and the loss is exactly 0."""
-    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=1,
-                 loss_type="spark", beta=0.1, min_generations=4, max_generations=6)
+def test_an_optimizer_step_without_gradient_is_skipped(tiny_model_path, tmp_path):
+    """Step 1 has a group with variance; step 2 only a group without (nothing in the loss on any rank): step 2 runs
+    no forward, no backward and no optimizer update, so AdamW's momentum and weight decay leave the weights exactly
+    as step 1 left them (a zero-gradient AdamW step would still move them), and it is counted as skipped."""
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def __init__(self):
+            self.params = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.params.append(torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]))
+
+    snapshots = Snapshots()
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=2,
+                 loss_type="spark", beta=0.1, min_generations=4, max_generations=6, learning_rate=1e-2,
+                 weight_decay=0.1)
     trainer = CapturingTrainer(model=tiny_model_path, reward_funcs=PromptKeyedReward(), args=args,
-                               train_dataset=_dataset(["flat"]))
+                               train_dataset=_dataset(["vary", "flat"]), callbacks=[snapshots])
+    forwards = []
+    trainer.model.register_forward_hook(lambda m, i, o: forwards.append(trainer.state.global_step)
+                                        if torch.is_grad_enabled() else None)
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters() if p.requires_grad])
     trainer.train()
-    batch = trainer.captured[0]
-    assert batch["seq_weight"].tolist() == [0.0] and int(batch["num_sequences"]) == 0
-    assert trainer.ref_forward_calls == 1 and trainer.spark_stats_history[-1]["ref_forward_sequences"] == 0
-    assert trainer.state.log_history[0]["loss"] == 0.0
-    assert trainer.spark_stats_history[-1]["group_sizes"] == {6: 1}
+    assert not torch.equal(snapshots.params[0], before)  # step 1 moved the weights
+    assert torch.equal(snapshots.params[1], snapshots.params[0])  # step 2 did not: not even weight decay
+    assert forwards == [0]  # one loss forward, in step 1
+    stats = trainer.spark_stats_history[-1]
+    assert (stats["optimizer_steps"], stats["optimizer_steps_skipped"]) == (1, 1)
+    assert trainer.ref_forward_calls == 1 and stats["ref_forward_sequences"] == 4  # none for the empty batch
+    assert int(trainer.captured[1]["num_sequences"]) == 0 and stats["group_sizes"] == {4: 1, 6: 1}
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[1]["loss"] == 0.0 and logs[1]["spark/optimizer_step_skipped"] == 1.0
+    assert "spark/optimizer_step_skipped" not in logs[0]
 
 
 def test_peft_4bit_bitsandbytes_on_cpu(tiny_model_path, tmp_path):

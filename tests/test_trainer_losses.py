@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spark_trl.configs import SparkGRPOConfig
-from spark_trl.trainer import group_advantages, spark_policy_loss
+from spark_trl.trainer import group_advantages, kl_sums, spark_policy_loss
 
 
 def _adv(groups, **kw):
@@ -141,3 +141,14 @@ def test_covering_sampler_visits_all_311_problems_every_epoch():
         # Each generation batch is 4 prompts x 4 completions, repeated twice: one entry per prompt.
         first = [order[batch * 32 + 4 * j] for batch in range(78) for j in range(4)]
         assert first[311:] == first[:1]  # the last batch: 3 new problems and the epoch's first
+
+
+def test_card_kl_is_the_mean_of_per_sequence_means_not_token_weighted():
+    """A long sequence with a small KL and a short one with a large KL: the card's GRPO KL (mean over sequences of
+    each sequence's token mean) and the token-weighted mean differ; padding rows (weight 0) count in neither."""
+    kl = torch.tensor([[0.1] * 8, [0.9, 0.9] + [0.0] * 6, [5.0] * 8])
+    mask = torch.tensor([[1.0] * 8, [1.0, 1.0] + [0.0] * 6, [1.0] * 8])
+    token_sum, tokens, seq_sum, seqs = kl_sums(kl, mask, torch.tensor([1.0, 1.0, 0.0]))
+    assert (tokens, seqs) == (10.0, 2.0)
+    assert token_sum / tokens == pytest.approx((0.8 + 1.8) / 10)  # 0.26
+    assert seq_sum / seqs == pytest.approx((0.1 + 0.9) / 2)  # 0.5
