@@ -158,9 +158,9 @@ def save_checkpoint(trainer, path: str | os.PathLike, study_state: dict, extra=N
     _barrier()
     trainer.save_model(str(tmp))  # adapter (or model) and the tokenizer (processing_class)
     # Private Trainer methods, reused rather than copied: they know FSDP/DeepSpeed/per-rank layouts.
-    trainer._save_optimizer_and_scheduler(str(tmp))
-    trainer._save_scaler(str(tmp))
-    trainer._save_rng_state(str(tmp))
+    from .trl_private import save_training_state
+
+    save_training_state(trainer, str(tmp))
     if extra is not None:  # per-rank state of the caller's
         extra(tmp)
     _barrier()
@@ -618,9 +618,7 @@ class StudyRunner:
 
         path = self._trainer_epoch_state_file(self.resumed_from)
         if path.is_file():
-            saved = torch.load(path, weights_only=False)
-            for name, value in saved.items():
-                setattr(self.trainer, name, value)
+            self.trainer.load_epoch_state(torch.load(path, weights_only=False))
 
     def checkpoint(self, name: str, state) -> Path:
         study_state = dict(self.state, global_step=state.global_step, name=name, time=time.time())
@@ -630,9 +628,7 @@ class StudyRunner:
     def _save_trainer_epoch_state(self, directory: Path) -> None:
         import torch
 
-        saved = {name: getattr(self.trainer, name) for name in ("_stats", "_epoch_rollouts")
-                 if hasattr(self.trainer, name)}
-        torch.save(saved, self._trainer_epoch_state_file(directory))
+        torch.save(self.trainer.epoch_state(), self._trainer_epoch_state_file(directory))
 
     # -------------------------------------------------------------------------------------------- run
 

@@ -226,7 +226,7 @@ def test_spark_rollout_engine_glue(tiny_model_path, tmp_path, monkeypatch):
                                train_dataset=_dataset(["vary", "flat"]))
     calls["sync"] = 0  # the engine may sync when it is built; count the trainer's calls
     trainer.train()
-    assert isinstance(trainer._engine, CountingEngine)
+    assert isinstance(trainer.rollout_engine, CountingEngine)
     # step 1: vary (4), step 2: flat (4, grown twice by 2)
     assert calls["generate"] == [4, 4, 2, 2]
     assert calls["sync"] == 2
@@ -282,3 +282,28 @@ def test_every_problem_of_an_epoch_is_trained_on(tiny_model_path, tmp_path):
         seen = [t for call in epoch for t in call[::2]]  # one entry per group
         assert len(seen) == 8 and set(seen) == set(names)
         assert seen[6:] == seen[:2]  # the remainder batch is filled from the start of the same permutation
+
+
+def test_reward_log_extra_columns_reach_the_completions_table(tiny_model_path, tmp_path):
+    """ExecutionReward reports each completion's execution status through TRL's `log_extra`; like TRL, the trainer
+    puts it in the completions table beside the prompts (one value per completion, top-up rounds included), and
+    averages its `log_metric` figures."""
+    from spark_trl import trl_private
+    from spark_trl.data import to_grpo_dataset
+    from spark_trl.outcome import Status
+    from spark_trl.problems import load_builtin
+    from spark_trl.reward import ExecutionReward
+
+    reward = ExecutionReward(timeout=5.0)
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=1,
+                 loss_type="spark", log_completions=True, max_generations=8)
+    trainer = SparkGRPOTrainer(model=tiny_model_path, reward_funcs=reward, args=args,
+                               train_dataset=to_grpo_dataset(load_builtin("train")[:1]))
+    trainer.train()
+    logs = trl_private.completion_logs(trainer)
+    n = trainer.spark_stats_history[-1]["rollouts"]
+    statuses = list(logs["extra"]["execution_status"])
+    # TRL's table keeps the last generation_batch_size (4) rows; the top-ups made 8 completions.
+    assert n == 8 and len(statuses) == len(logs["prompt"]) == len(logs["advantages"]) == 4
+    assert set(statuses) <= {s.value for s in Status}
+    assert any(k.startswith("execution/") for h in trainer.state.log_history for k in h)

@@ -152,3 +152,23 @@ def test_card_kl_is_the_mean_of_per_sequence_means_not_token_weighted():
     assert (tokens, seqs) == (10.0, 2.0)
     assert token_sum / tokens == pytest.approx((0.8 + 1.8) / 10)  # 0.26
     assert seq_sum / seqs == pytest.approx((0.1 + 0.9) / 2)  # 0.5
+
+
+def test_outcomes_reach_the_trainer_through_a_declared_channel():
+    """A reward function reports outcomes by declaring `last_outcomes` (the ReportsOutcomes protocol); one that holds
+    a wrong number is a broken contract and an error, not silently ignored."""
+    from spark_trl.groups import ReportsOutcomes, outcomes_of
+    from spark_trl.outcome import ExecutionOutcome, Status
+
+    def plain(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    class Reporting:
+        def __init__(self, n):
+            self.last_outcomes = [ExecutionOutcome(status=Status.PASSED)] * n
+
+    assert not isinstance(plain, ReportsOutcomes) and isinstance(Reporting(1), ReportsOutcomes)
+    assert outcomes_of([plain], 2) == [None, None]
+    assert [o.status for o in outcomes_of([plain, Reporting(2)], 2)] == [Status.PASSED] * 2
+    with pytest.raises(RuntimeError, match="holds 3 outcomes after scoring 2 completions"):
+        outcomes_of([Reporting(3)], 2)
