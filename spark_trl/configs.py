@@ -15,6 +15,7 @@ SKIP_ZERO_ADVANTAGE = ("group", "sequence", "none")
 AUX_MODES = ("phase", "joint")
 AUX_OBJECTIVES = ("recycling",)
 ROLLOUT_ENGINES = ("trl", "spark", "auto")
+ROLLOUT_SCHEDULES = ("batch", "epoch")
 REF_ADAPTERS = ("disable", "copy")
 # Loss types that SparkGRPOTrainer adds to TRL's.
 SPARK_LOSS_TYPES = ("spark",)
@@ -53,6 +54,11 @@ class SparkGRPOConfig(GRPOConfig):
     Loss: `loss_type="spark"` is the study's objective: per-sequence token mean of the clipped surrogate plus
     `beta` times the k3 KL estimator (no importance-ratio correction of the KL), then the mean over the sequences
     of the optimizer step. Every TRL `loss_type` stays available.
+
+    Optimisation schedule (`rollout_schedule`): `"batch"` is TRL's on-policy schedule, a fresh rollout for every
+    generation batch; `"epoch"` is the study's, rollouts for every problem of the epoch first, then one pass over
+    the sequences in the loss, an optimizer step every `per_device_train_batch_size * gradient_accumulation_steps`
+    of them per process (later steps are off-policy, and the clip acts). See `docs/trainer.md`.
 
     Auxiliary recycling (the study's Condition C): `aux_loss_scale > 0` turns it on (0 = Condition A).
 
@@ -104,6 +110,17 @@ class SparkGRPOConfig(GRPOConfig):
         metadata={
             "help": "Which sequences are left out of the loss: 'group' (groups still without reward variance), "
             "'sequence' (also any sequence with |advantage| < advantage_epsilon, the study's rule) or 'none'."
+        },
+    )
+    rollout_schedule: str = field(
+        default="batch",
+        metadata={
+            "help": "'batch': a fresh rollout for every generation batch (TRL's schedule: the first optimizer step "
+            "over it is exactly on-policy). 'epoch': the study's schedule, rollouts for every problem of the epoch "
+            "with the epoch's starting policy, then one pass over the sequences in the loss in rollout order, one "
+            "optimizer step every per_device_train_batch_size * gradient_accumulation_steps sequences per process "
+            "(num_iterations passes with num_iterations > 1). Generation still runs in chunks of "
+            "per_device_train_batch_size * steps_per_generation completions per process."
         },
     )
     ref_adapter: str = field(
@@ -180,6 +197,18 @@ class SparkGRPOConfig(GRPOConfig):
         if self.rollout_engine == "auto":
             self.rollout_engine = resolve_rollout_engine(self)
         _check_choice("ref_adapter", self.ref_adapter, REF_ADAPTERS)
+        _check_choice("rollout_schedule", self.rollout_schedule, ROLLOUT_SCHEDULES)
+        if self.rollout_schedule == "epoch":
+            if self.max_steps is not None and self.max_steps > 0:
+                raise ValueError(
+                    f"rollout_schedule='epoch' trains whole epochs whose number of optimizer steps depends on the "
+                    f"rollouts: set num_train_epochs, not max_steps ({self.max_steps})")
+            if str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) not in (
+                    "constant", "constant_with_warmup"):
+                raise ValueError(
+                    f"rollout_schedule='epoch' needs lr_scheduler_type 'constant' or 'constant_with_warmup' (got "
+                    f"{self.lr_scheduler_type!r}): the number of optimizer steps is not known in advance, so a decaying "
+                    "schedule would be laid out over an upper bound and never reach its end")
         if self.aux_objective is not None:
             _check_choice("aux_objective", self.aux_objective, AUX_OBJECTIVES)
         if self.aux_loss_scale < 0:

@@ -793,7 +793,11 @@ STUDY_DEFAULTS: dict[str, Any] = dict(
     use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.05,
     lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     optim="adamw_torch", learning_rate=5e-6, weight_decay=0.01, lr_scheduler_type="constant", warmup_steps=0,
-    gradient_accumulation_steps=4, per_device_train_batch_size=4, epsilon=0.2, max_grad_norm=1.0,
+    # The study's schedule: every problem's rollouts, then one pass with an optimizer step every 4 sequences in the
+    # loss (its "grad_accum=4": 4 one-sequence backwards; here one micro-batch of 4, the same gradient).
+    rollout_schedule="epoch", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+    steps_per_generation=4,  # generation in chunks of 16 completions (4 prompts) per process
+    epsilon=0.2, max_grad_norm=1.0,
     min_generations=4, max_generations=8, generation_increment=2,
     temperature=1.0, top_p=0.98, max_completion_length=512,
     loss_type="spark", gradient_checkpointing=True, rollout_engine="auto",

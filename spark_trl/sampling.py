@@ -44,3 +44,43 @@ class CoveringRepeatSampler(RepeatSampler):
 
     def __len__(self) -> int:
         return self._num_batches() * self.batch_size * self.mini_repeat_count * self.repeat_count
+
+
+def epoch_order(n: int, epoch: int, seed: int | None = None, shuffle: bool = True) -> list[int]:
+    """The problems of `epoch` (0-based) in the order `rollout_schedule="epoch"` visits them: every one of the `n`
+    once, in a permutation drawn like `CoveringRepeatSampler` draws them (one `torch.randperm` per epoch from a
+    generator seeded with `seed`), so that a resumed run finds the same order without replaying past epochs.
+
+    Example:
+    ```python
+    >>> epoch_order(5, epoch=0, shuffle=False)
+    [0, 1, 2, 3, 4]
+    >>> sorted(epoch_order(5, epoch=1, seed=42)) == [0, 1, 2, 3, 4]
+    True
+    ```
+    """
+    import torch
+
+    if not shuffle:
+        return list(range(n))
+    generator = torch.Generator()
+    if seed is not None:
+        generator.manual_seed(seed)
+    for _ in range(epoch):
+        torch.randperm(n, generator=generator)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+class EpochTicks:
+    """The training "data" of `rollout_schedule="epoch"`: item i is the micro-step index i // world within the
+    epoch, so that with accelerate's sharding (process r takes items r, r + world, ...) every process counts its
+    micro-steps 0, 1, 2, ... The epoch's problems are drawn by the trainer itself (`epoch_order`)."""
+
+    def __init__(self, micro_steps: int, world: int):
+        self.micro_steps, self.world = micro_steps, world
+
+    def __len__(self) -> int:
+        return self.micro_steps * self.world
+
+    def __getitem__(self, i: int) -> int:
+        return i // self.world

@@ -19,6 +19,7 @@ Private names of TRL are reached only through `spark_trl.trl_private`.
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -33,16 +34,19 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from . import trl_private
-from .batching import build_tensors, deal_round_robin, pad_layout, rows_per_micro_step, split_micro_batches
+from .batching import (build_tensors, deal_in_order, deal_round_robin, pad_layout, rows_per_micro_step,
+                       split_micro_batches)
 from .collectives import Ranks
 from .configs import SparkGRPOConfig, check_group_sizes
 from .groups import GroupGrower, GrownGroups, outcomes_of
 from .grpo_math import clip_sums, group_advantages, in_loss, kl_sums, spark_policy_loss
 from .recycling import AuxiliaryObjective, RecyclingObjective, Rollout
-from .sampling import CoveringRepeatSampler
+from .sampling import CoveringRepeatSampler, epoch_order
 from .stats import ExtraColumns, RolloutFigures, SparkStats
 
 __all__ = ["SparkGRPOTrainer", "SparkStats", "group_advantages", "kl_sums", "spark_policy_loss"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +61,29 @@ class ScoredRollout:
     keep: torch.Tensor  # (n,) bool: in the loss
     extra_columns: dict[str, list]  # log_extra columns of the reward functions, one value per completion
 
+    @staticmethod
+    def concat(parts: list["ScoredRollout"]) -> "ScoredRollout":
+        """Several rollouts as one (the chunks of an epoch's rollout): groups renumbered, columns joined."""
+        grown = GrownGroups(rows=[r for p in parts for r in p.grown.rows])
+        offset = 0
+        for p in parts:
+            g = p.grown
+            grown.group_of += [offset + i for i in g.group_of]
+            grown.prompts += g.prompts
+            grown.prompt_ids += g.prompt_ids
+            grown.completion_ids += g.completion_ids
+            grown.completions += g.completions
+            grown.outcomes += g.outcomes
+            grown.reward_chunks += g.reward_chunks
+            grown.sizes += g.sizes
+            grown.generated_tokens += g.generated_tokens
+            offset += len(g.rows)
+        extra = ExtraColumns()
+        for p in parts:
+            extra.add_round(p.extra_columns, len(p.grown))
+        return ScoredRollout(grown, *(torch.cat([getattr(p, name) for p in parts]) for name in (
+            "rewards_per_func", "rewards", "advantages", "no_variance", "keep")), extra.columns)
+
 
 class _SparkCallback(TrainerCallback):
     """Epoch bookkeeping. Registered before the user's callbacks, so that their `on_epoch_end` (a study runner's
@@ -67,6 +94,11 @@ class _SparkCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.trainer._begin_epoch()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._pass_done:  # rollout_schedule="epoch": the pass over the epoch's rollouts is over
+            self.trainer._pass_done = False
+            control.should_epoch_stop = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.trainer._end_epoch()
@@ -149,6 +181,15 @@ class SparkGRPOTrainer(GRPOTrainer):
         self._group_counter = 0
         self._micro_batches: list[dict] = []  # the current rollout, one dict per micro-step
         self._micro_step_rows: list[int] = []  # per micro-step: rows in the loss (and aux examples), all ranks
+        self._n_micro = 0  # micro-steps of one pass over the current rollout
+        self._micro_num_items: list | None = None
+        self._position = 0  # the current micro-step's index in _micro_batches
+        self._rollout_epoch = -1  # rollout_schedule="epoch": the epoch whose rollout _micro_batches holds
+        self._epoch_index = 0
+        self._steps_per_epoch = 0  # rollout_schedule="epoch": the Trainer's steps per epoch (an upper bound)
+        self._pass_done = False  # the epoch's pass just ended: stop the epoch (read by _SparkCallback)
+        self._pass_complete = False  # the current epoch's pass has ended (False after an interruption)
+        self._pending_aux_rollouts: list[Rollout] = []
         self._rollout_global_step = -1  # optimizer step at which the current rollout was generated
         self._step_had_backward = False  # whether the optimizer step in progress has run a backward yet
         self.ref_forward_calls = 0  # reference forward passes (batches), for tests and benchmarks
@@ -221,26 +262,70 @@ class SparkGRPOTrainer(GRPOTrainer):
     def epoch_state(self) -> dict[str, Any]:
         """This process's per-epoch accumulators (statistics, the rollouts the auxiliary phase will read): what a
         checkpoint taken in the middle of an epoch must hold for an exact resume. See `load_epoch_state`."""
-        return {"stats": self._stats, "epoch_rollouts": self._epoch_rollouts}
+        state = {"stats": self._stats, "epoch_rollouts": self._epoch_rollouts}
+        if self.args.rollout_schedule == "epoch" and self._rollout_epoch == self._epoch_index:
+            # The epoch's rollout, which the rest of the pass trains on.
+            state["pass"] = {"epoch": self._rollout_epoch, "rows": self._micro_step_rows,
+                             "rollout_global_step": self._rollout_global_step,
+                             "micro_batches": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in mb.items()}
+                                               for mb in self._micro_batches]}
+        return state
 
     def load_epoch_state(self, state: dict[str, Any]) -> None:
         """Restore what `epoch_state` returned (after `on_epoch_begin` of the resumed epoch has reset it)."""
         self._stats = state["stats"]
         self._epoch_rollouts = state["epoch_rollouts"]
+        saved = state.get("pass")
+        if saved is not None:
+            device = self.accelerator.device
+            self._micro_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
+                                   for mb in saved["micro_batches"]]
+            self._micro_step_rows = saved["rows"]
+            self._rollout_epoch = saved["epoch"]
+            self._rollout_global_step = saved["rollout_global_step"]
 
     def _begin_epoch(self):
         self.reset_spark_stats()
         self._epoch_rollouts = []
+        self._pass_complete = False
+        if self._steps_per_epoch:
+            self._epoch_index = self.state.global_step // self._steps_per_epoch
 
     def _end_epoch(self):
+        if self.args.rollout_schedule == "epoch" and not self._pass_complete:
+            return  # training stopped in the middle of the pass: the epoch is not over (a resume finishes it)
         if self._aux_on and self.args.aux_mode == "phase":
             self._run_aux_phase()
+        if self.args.rollout_schedule == "epoch" and self._steps_per_epoch:
+            # The epoch ended when its pass did, before the Trainer's (upper-bound) count of steps: move the step
+            # counter to the epoch's end, so that resuming (which finds the epoch from global_step) and a runner's
+            # per-epoch arithmetic stay right. The optimizer and the scheduler saw only the real steps.
+            trl_private.move_global_step(self, (self._epoch_index + 1) * self._steps_per_epoch)
+            self.state.epoch = float(self._epoch_index + 1)
         summary = self.spark_stats
         summary["epoch"] = self.state.epoch
         self.spark_stats_history.append(summary)
         self.log({f"spark/epoch/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
 
     # ------------------------------------------------------------------------------------------------ the step
+
+    def get_train_dataloader(self):
+        # Replaces GRPOTrainer.get_train_dataloader for rollout_schedule="epoch": the trainer draws each epoch's
+        # problems itself (sampling.epoch_order); the loader only counts micro-steps, as many per epoch as the
+        # largest possible pass needs (every group at max_generations, all in the loss). The epoch stops when
+        # its pass does (_SparkCallback.on_step_end).
+        if not (self._spark_path and self.args.rollout_schedule == "epoch"):
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        from .sampling import EpochTicks
+
+        args, world = self.args, self.accelerator.num_processes
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        problems = -(-len(self.train_dataset) // world)
+        self._steps_per_epoch = -(-problems * args.max_generations // per_step) * self.num_iterations
+        ticks = EpochTicks(self._steps_per_epoch * args.gradient_accumulation_steps, world)
+        return self.accelerator.prepare(DataLoader(ticks, batch_size=1, collate_fn=list))
 
     def _get_train_sampler(self, dataset=None):
         # Replaces GRPOTrainer._get_train_sampler: the same sampler without the dropped remainder, so that every
@@ -260,7 +345,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         model.train()  # as Trainer.training_step does before preparing the inputs
         batch = self._prepare_inputs(inputs)
         sync = self.accelerator.sync_gradients  # the last micro-step of the optimizer step
-        empty = self._micro_step_rows[self._micro_index()] == 0
+        empty = self._rows_in(self._position) == 0
         # A step whose earlier micro-steps ran a backward must still run its last one: the gradient all-reduce
         # (DDP) or reduce-scatter (FSDP) happens there. DeepSpeed counts backward calls to find its accumulation
         # boundary, so under DeepSpeed nothing is skipped.
@@ -277,43 +362,81 @@ class SparkGRPOTrainer(GRPOTrainer):
                 self._stats.optimizer_steps_skipped += 1
                 trl_private.metrics(self)["spark/optimizer_step_skipped"].append(1.0)
             self._step_had_backward = False
+            if self.args.rollout_schedule == "epoch" and self._position + 1 >= len(self._micro_batches):
+                self._pass_done = self._pass_complete = True
         return loss
 
-    def _micro_index(self) -> int:
-        return trl_private.micro_step(self) % self.args.steps_per_generation
+    def _rows_in(self, position: int) -> int:
+        return self._micro_step_rows[position] if position < len(self._micro_step_rows) else 0
 
     def _prepare_inputs(self, generation_batch):
-        # Replaces GRPOTrainer._prepare_inputs in training: a new rollout every steps_per_generation * num_iterations
-        # micro-steps, served as micro-batches already balanced over ranks (TRL's shuffle + split would drop the
-        # remainder rows of a batch whose size varies with the top-ups).
+        # Replaces GRPOTrainer._prepare_inputs in training: serves the micro-batches of the current rollout, already
+        # balanced over ranks (TRL's shuffle + split would drop the remainder rows of a batch whose size varies with
+        # the top-ups), and makes a new rollout when the schedule says so.
         if not (self._spark_path and self.model.training):
             return super()._prepare_inputs(generation_batch)
         if isinstance(generation_batch, dict):  # a micro-batch that training_step has already prepared
             return generation_batch
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if trl_private.micro_step(self) % generate_every == 0 or not self._micro_batches:
-            batch = self._generate_and_score_completions(generation_batch)
-            self._micro_batches = split_micro_batches(batch, self.args.steps_per_generation)
-        return self._micro_batches[self._micro_index()]
+        if self.args.rollout_schedule == "epoch":
+            self._position = int(generation_batch[0])  # the micro-step's index in the epoch (EpochTicks)
+            if self._rollout_epoch != self._epoch_index:
+                if self._position > 0:
+                    logger.warning("resuming in the middle of an epoch without its saved rollout: the rest of the "
+                                   "epoch trains on a fresh rollout of the epoch's problems")
+                self._new_rollout(self._epoch_rows())
+                self._rollout_epoch = self._epoch_index
+        else:
+            step = trl_private.micro_step(self)
+            self._position = step % self.args.steps_per_generation
+            if step % (self.args.steps_per_generation * self.num_iterations) == 0 or not self._micro_batches:
+                self._new_rollout(generation_batch)
+        if self._position >= len(self._micro_batches):  # resumed after the end of the epoch's pass
+            return _without_weight(self._micro_batches[-1])
+        return self._micro_batches[self._position]
+
+    def _new_rollout(self, inputs) -> None:
+        batch = self._generate_and_score_completions(inputs)
+        self._micro_batches = split_micro_batches(batch, self._n_micro)
+        for micro, num_items in zip(self._micro_batches, self._micro_num_items or []):
+            micro["num_items_in_batch"] = num_items
+        if self.args.rollout_schedule == "epoch":  # num_iterations passes over the epoch's rollout
+            self._micro_batches = self._micro_batches * self.num_iterations
+            self._micro_step_rows = self._micro_step_rows * self.num_iterations
+
+    def _epoch_rows(self) -> list[dict]:
+        """This process's problems of the current epoch, each repeated min_generations times (TRL's format)."""
+        ranks, dataset = self._ranks, self.train_dataset
+        order = epoch_order(len(dataset), self._epoch_index, self.args.seed, self.shuffle_dataset)
+        return [dataset[i] for i in order[ranks.rank::ranks.world] for _ in range(self.args.min_generations)]
 
     # ------------------------------------------------------------------------------------------------ rollouts
 
     def _generate_and_score_completions(self, inputs):
         # Replaces GRPOTrainer._generate_and_score_completions in training (evaluation keeps TRL's): adaptive
-        # groups, advantages over each final group, and the batch of the sequences in the loss.
+        # groups, advantages over each final group, and the batch of the sequences in the loss. `inputs` is a
+        # generation batch, or with rollout_schedule="epoch" all of this process's problems of the epoch, sampled
+        # in chunks of a generation batch with the same policy.
         if not (self._spark_path and self.model.training):
             return super()._generate_and_score_completions(inputs)
-        if "image" in inputs[0] or "images" in inputs[0]:
+        if inputs and ("image" in inputs[0] or "images" in inputs[0]):
             raise ValueError("SparkGRPOTrainer does not support image inputs")
-        scored = self._sample_and_score(_group_rows(inputs, self.args.min_generations))
+        rows = _group_rows(inputs, self.args.min_generations)
+        if self.args.rollout_schedule == "epoch":
+            chunk = self.args.per_device_train_batch_size * self.args.steps_per_generation // self.args.min_generations
+            n_chunks = self._ranks.max(-(-len(rows) // chunk))  # every rank joins every chunk's generation rounds
+            filler = self.train_dataset[0]
+            scored = ScoredRollout.concat([self._sample_and_score(rows[c * chunk:(c + 1) * chunk], filler)
+                                           for c in range(n_chunks)])
+        else:
+            scored = self._sample_and_score(rows)
         self._record(scored)
         return self._assemble(scored)
 
-    def _sample_and_score(self, rows: list[dict]) -> ScoredRollout:
+    def _sample_and_score(self, rows: list[dict], filler: dict | None = None) -> ScoredRollout:
         """Growing groups, then the math: rewards, advantages within each final group, what enters the loss."""
         args = self.args
         self._extra_columns = ExtraColumns()
-        grown = self._grower.grow(rows)
+        grown = self._grower.grow(rows, filler)
         device = self.accelerator.device
         rewards_per_func = grown.rewards_per_func(len(self.reward_funcs)).to(device)
         rewards = grown.rewards(self.reward_weights.to(device))
@@ -431,44 +554,66 @@ class SparkGRPOTrainer(GRPOTrainer):
         if self.args.aux_mode == "phase":
             self._epoch_rollouts.extend(new)
         else:
-            self._prepare_joint_aux(new)
+            self._pending_aux_rollouts = new  # spread over the rollout's micro-steps once they are laid out
 
     # ------------------------------------------------------------------------------------------------ the batch
 
     def _assemble(self, scored: ScoredRollout) -> dict:
-        """The generation batch: the sequences in the loss shuffled and dealt over steps_per_generation micro-steps
-        of equal rows on every rank, padded; reference/old log-probs; the normalisation of the loss."""
-        args, device = self.args, self.accelerator.device
-        kept = scored.keep.nonzero(as_tuple=True)[0].tolist()
-        random.Random(int(torch.randint(0, 2**31 - 1, (1,)).item())).shuffle(kept)  # TRL shuffles too
-        spg = args.steps_per_generation
-        rows = rows_per_micro_step(self._ranks.max(len(kept)), spg)
-        layout = deal_round_robin(kept, spg)
+        """The rollout's batch: the sequences in the loss laid out over micro-steps of equal rows on every rank
+        (`_layout`), padded; reference/old log-probs; what normalises the loss."""
+        args, device, grown = self.args, self.accelerator.device, scored.grown
+        kept, layout, rows = self._layout(scored)
+        n_micro = self._n_micro = len(layout)
         src, real = pad_layout(layout, rows, kept)
-        grown = scored.grown
         batch = build_tensors(src, real, grown.prompt_ids, grown.completion_ids, self._pad_id(),
                               set(self.eos_token_ids) | {self._pad_id()}, self.mask_truncated_completions,
                               self.pad_to_multiple_of, device)
         batch["advantages"] = torch.tensor([float(scored.advantages[i]) if r else 0.0 for i, r in zip(src, real)],
                                            device=device)
         batch["seq_weight"] = torch.tensor([1.0 if r else 0.0 for r in real], device=device)
-        loss_mask = batch["completion_mask"] * batch["tool_mask"]
-        totals = self._ranks.sum([float(loss_mask.sum()), float(len(kept))]
-                                 + [sum(real[j * rows:(j + 1) * rows]) for j in range(spg)]
-                                 + [len(b) for b in self._joint_aux_batches_or_empty(spg)])
-        batch["num_items_in_batch"] = torch.tensor(totals[0], device=device)
-        batch["num_sequences"] = torch.tensor(totals[1], device=device)
-        grpo_rows, aux_rows = totals[2:2 + spg], totals[2 + spg:] or [0] * spg
-        self._micro_step_rows = [int(a + b) for a, b in zip(grpo_rows, aux_rows)]
-        if totals[1] or sum(self._micro_step_rows) or self._step_had_backward:  # else no rank runs a forward
+        joint = self._aux_on and args.aux_mode == "joint"
+        if joint:
+            self._prepare_joint_aux(self._pending_aux_rollouts, n_micro)
+        tokens = (batch["completion_mask"] * batch["tool_mask"]).sum(-1).view(n_micro, rows).sum(-1).tolist()
+        real_rows = [sum(real[j * rows:(j + 1) * rows]) for j in range(n_micro)]
+        aux_rows = [len(b) for b in self._joint_aux_batches] if joint else [0] * n_micro
+        totals = self._ranks.sum([float(len(kept))] + tokens + real_rows + aux_rows)
+        tokens = totals[1:1 + n_micro]
+        self._micro_step_rows = [int(a + b) for a, b in zip(totals[1 + n_micro:1 + 2 * n_micro],
+                                                            totals[1 + 2 * n_micro:])]
+        batch["num_sequences"] = torch.tensor(totals[0], device=device)
+        batch["num_items_in_batch"] = torch.tensor(sum(tokens), device=device)
+        self._micro_num_items = None
+        if args.rollout_schedule == "epoch":
+            # An optimizer step's objective: the sum of its sequences' losses over the nominal step size (the
+            # study divides by 4 even in a last, shorter step); TRL's token-normalised losses by its tokens.
+            batch["sequence_scale"] = torch.tensor(1.0 / (args.per_device_train_batch_size
+                                                          * args.gradient_accumulation_steps), device=device)
+            acc = args.gradient_accumulation_steps
+            self._micro_num_items = [torch.tensor(sum(tokens[k - k % acc:k - k % acc + acc])
+                                                  * args.steps_per_generation / acc, device=device)
+                                     for k in range(n_micro)]
+        if totals[0] or sum(self._micro_step_rows) or self._step_had_backward:  # else no rank runs a forward
             self._add_logps(batch, src, real)
         self._rollout_global_step = self.state.global_step
         return batch
 
-    def _joint_aux_batches_or_empty(self, n_micro: int) -> list[list]:
-        if self._aux_on and self.args.aux_mode == "joint":
-            return self._joint_aux_batches
-        return []
+    def _layout(self, scored: ScoredRollout) -> tuple[list[int], list[list[int]], int]:
+        """(sequences in the loss, the sequences of each micro-step, rows per micro-step), equal counts on every
+        rank. "batch": shuffled and dealt round-robin over steps_per_generation micro-steps (TRL's way).
+        "epoch": problem by problem in rollout order, per_device_train_batch_size * gradient_accumulation_steps
+        per optimizer step (the study's one pass), at least one step."""
+        args = self.args
+        kept = scored.keep.nonzero(as_tuple=True)[0].tolist()
+        most = self._ranks.max(len(kept))
+        if args.rollout_schedule == "batch":
+            random.Random(int(torch.randint(0, 2**31 - 1, (1,)).item())).shuffle(kept)  # TRL shuffles too
+            spg = args.steps_per_generation
+            return kept, deal_round_robin(kept, spg), rows_per_micro_step(most, spg)
+        kept.sort(key=lambda i: (scored.grown.group_of[i], i))  # top-ups come last in rollout order
+        bs, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        n_steps = max(1, -(-most // (bs * accumulation)))
+        return kept, deal_in_order(kept, n_steps, bs * accumulation, accumulation, bs), bs
 
     def _pad_id(self) -> int:
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -479,7 +624,8 @@ class SparkGRPOTrainer(GRPOTrainer):
         """Reference log-probs (beta != 0) and old log-probs (when a rollout outlives an optimizer step), computed
         once per rollout, for the sequences in the loss only; padding rows copy those of the row they repeat."""
         generate_every = self.args.steps_per_generation * self.num_iterations
-        need_old = self.args.gradient_accumulation_steps % generate_every != 0
+        need_old = (self.args.gradient_accumulation_steps % generate_every != 0
+                    or self.args.rollout_schedule == "epoch")  # the pass outlives its first optimizer step
         if self.beta == 0.0 and not need_old:
             return
         device = self.accelerator.device
@@ -536,8 +682,11 @@ class SparkGRPOTrainer(GRPOTrainer):
 
     def _sequence_scale(self, inputs) -> float:
         """The factor that turns a sum of per-sequence losses on this rank into its share of the optimizer step's
-        mean over the rollout's N sequences: DDP averages gradients over the P ranks, and the rollout spans
-        steps_per_generation micro-steps of which an optimizer step takes gradient_accumulation_steps."""
+        objective. "batch": the mean over the rollout's N sequences; DDP averages gradients over the P ranks, and
+        the rollout spans steps_per_generation micro-steps of which an optimizer step takes
+        gradient_accumulation_steps. "epoch": set by `_assemble`."""
+        if "sequence_scale" in inputs:
+            return float(inputs["sequence_scale"])
         return (self.accelerator.num_processes * self.args.steps_per_generation
                 / (self.current_gradient_accumulation_steps * float(inputs["num_sequences"].clamp(min=1.0))))
 
@@ -614,11 +763,10 @@ class SparkGRPOTrainer(GRPOTrainer):
         self._count_aux_examples(examples)
         return examples
 
-    def _prepare_joint_aux(self, rollouts: list[Rollout]):
+    def _prepare_joint_aux(self, rollouts: list[Rollout], n_micro: int):
         examples = self._build_aux_examples(rollouts)
         random.Random(self.args.seed + self._group_counter).shuffle(examples)
-        spg = self.args.steps_per_generation
-        self._joint_aux_batches = [examples[j::spg] for j in range(spg)]
+        self._joint_aux_batches = [examples[j::n_micro] for j in range(n_micro)]
 
     def _count_aux_examples(self, examples):
         counts = Counter(e.kind for e in examples)
@@ -628,7 +776,7 @@ class SparkGRPOTrainer(GRPOTrainer):
                 self._stats.aux_examples[kind] += int(total)
 
     def _joint_aux_loss(self, model):
-        batch = self._joint_aux_batches[self._micro_index()] if self._joint_aux_batches else []
+        batch = self._joint_aux_batches[self._position] if self._position < len(self._joint_aux_batches) else []
         aux = 0.0
         if batch:
             # The unwrapped model: a second forward through the DDP wrapper before one backward is not allowed;
@@ -716,6 +864,12 @@ def _check_columns(reward_funcs, train_dataset, aux_objective) -> None:
         if missing:
             raise ValueError(f"The train dataset lacks the column(s) {missing} that {name} needs (it has {columns}). "
                              "Build it with spark_trl.data.to_grpo_dataset.")
+
+
+def _without_weight(micro: dict) -> dict:
+    """A copy of a micro-batch in which no row counts (for a micro-step after the end of the pass)."""
+    return {**micro, "seq_weight": torch.zeros_like(micro["seq_weight"]),
+            "tool_mask": torch.zeros_like(micro["tool_mask"])}
 
 
 def _gathered(ranks: Ranks, values: list) -> list:
