@@ -18,6 +18,7 @@ Private names of TRL are reached only through `spark_trl.trl_private`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import random
@@ -647,9 +648,13 @@ class SparkGRPOTrainer(GRPOTrainer):
             logps = trl_private.per_token_logps(self, model, input_ids, attention_mask, logits_to_keep, bs)
             return logps.float()[take]
 
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        # Without dropout: the log-probs of the policy that sampled the rollout (generation runs without it). With
+        # dropout active in the loss forward no cached value can match its random mask; computing the old
+        # log-probs with a second, independent mask (as TRL does) would add a second noise to every ratio.
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                dropout_off(self.model):
             if need_old:
-                # Same train-mode forward as the loss's; only used after the policy has changed (see _compute_loss).
+                # Only used after the policy has changed (see _compute_loss).
                 batch["old_per_token_logps"] = forward(self.model)
             if self.beta != 0.0:
                 self.ref_forward_calls += 1
@@ -864,6 +869,21 @@ def _check_columns(reward_funcs, train_dataset, aux_objective) -> None:
         if missing:
             raise ValueError(f"The train dataset lacks the column(s) {missing} that {name} needs (it has {columns}). "
                              "Build it with spark_trl.data.to_grpo_dataset.")
+
+
+@contextlib.contextmanager
+def dropout_off(model):
+    """Dropout modules in eval mode (no dropout) for the duration, the rest of the model as it is."""
+    kinds = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+             torch.nn.FeatureAlphaDropout)
+    switched = [m for m in model.modules() if isinstance(m, kinds) and m.training]
+    for m in switched:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.train()
 
 
 def _without_weight(micro: dict) -> dict:

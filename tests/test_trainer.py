@@ -307,3 +307,37 @@ def test_reward_log_extra_columns_reach_the_completions_table(tiny_model_path, t
     assert n == 8 and len(statuses) == len(logs["prompt"]) == len(logs["advantages"]) == 4
     assert set(statuses) <= {s.value for s in Status}
     assert any(k.startswith("execution/") for h in trainer.state.log_history for k in h)
+
+
+@pytest.mark.parametrize("disable_dropout", [False, True])
+def test_old_log_probs_are_the_sampling_policy_s_without_dropout(tiny_model_path, tmp_path, disable_dropout):
+    """A rollout serving two optimizer steps (num_iterations=2) caches old log-probs. They are those of the policy
+    that sampled (no dropout: generation runs without it), whatever the LoRA dropout (0.5 here, with a random
+    non-zero adapter so that dropout matters). With lr 0 and TRL's `disable_dropout=True` the ratio on the cached
+    step is then exactly 1; with dropout active only the loss forward's own mask moves it."""
+    from peft import LoraConfig
+
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, num_iterations=2,
+                 max_steps=2, loss_type="spark", learning_rate=0.0, disable_dropout=disable_dropout)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+                      task_type="CAUSAL_LM", init_lora_weights=False)
+    trainer = CapturingTrainer(model=tiny_model_path, reward_funcs=PromptKeyedReward(), args=args,
+                               train_dataset=_dataset(["vary"]), peft_config=lora)
+    trainer.train()
+    batch = trainer.captured[0]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    with torch.no_grad():
+        t = batch["completion_ids"].size(1)
+        logits = model(input_ids=torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+                       attention_mask=torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)).logits
+        expected = torch.log_softmax(logits[:, -t - 1:-1].float(), -1).gather(
+            -1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    mask = batch["completion_mask"].bool()
+    torch.testing.assert_close(batch["old_per_token_logps"][mask], expected[mask], rtol=0, atol=1e-5)
+    ratios = [h["ratio_mean"] for h in trainer.state.log_history if "ratio_mean" in h]
+    assert ratios[0] == 1.0  # the first step over a fresh rollout: old = current, detached
+    if disable_dropout:
+        assert ratios[1] == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert abs(ratios[1] - 1.0) > 1e-3  # the loss forward's dropout noise
