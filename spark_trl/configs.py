@@ -152,13 +152,23 @@ class SparkGRPOConfig(GRPOConfig):
     aux_pointwise_weight: float = field(default=0.0, metadata={"help": "Weight of pointwise (judge) examples."})
     aux_pairwise_weight: float = field(default=0.1, metadata={"help": "Weight of pairwise (A/B) examples."})
     aux_reflection_weight: float = field(default=1.0, metadata={"help": "Weight of reflection (repair) examples."})
-    aux_max_pointwise: int = field(default=200, metadata={"help": "Cap on pointwise examples per epoch."})
-    aux_max_pairwise: int = field(default=200, metadata={"help": "Cap on pairwise examples per epoch."})
-    aux_max_reflection: int = field(default=400, metadata={"help": "Cap on reflection examples per epoch."})
+    aux_max_pointwise: int = field(
+        default=200, metadata={"help": "Cap on pointwise examples per build (an epoch, or a rollout in joint mode), "
+                                       "over all processes."})
+    aux_max_pairwise: int = field(default=200, metadata={"help": "Cap on pairwise examples per build, all processes."})
+    aux_max_reflection: int = field(default=400,
+                                    metadata={"help": "Cap on reflection examples per build, all processes."})
+    aux_failing_per_group: int = field(
+        default=2,
+        metadata={"help": "Failing rollouts of a group that yield pairwise and reflection examples (the first ones "
+                          "in rollout order; the study: 2)."},
+    )
     aux_max_length: int = field(
         default=1024, metadata={"help": "Token cap of an auxiliary example; the prompt side is truncated."}
     )
-    aux_batch_size: int = field(default=2, metadata={"help": "Micro-batch size of the auxiliary phase."})
+    aux_batch_size: int = field(default=2, metadata={
+        "help": "Examples per auxiliary forward: the phase's micro-batch, or at most this many per micro-step in "
+                "joint mode (the rest of a rollout's examples are left unused and counted)."})
     aux_error_tail_lines: int = field(
         default=6, metadata={"help": "Lines of the error output shown in a reflection example."}
     )
@@ -216,6 +226,8 @@ class SparkGRPOConfig(GRPOConfig):
         for name in ("aux_pointwise_weight", "aux_pairwise_weight", "aux_reflection_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.aux_failing_per_group < 1:
+            raise ValueError(f"aux_failing_per_group must be at least 1, got {self.aux_failing_per_group}")
         if self.aux_batch_size < 1:
             raise ValueError(f"aux_batch_size must be at least 1, got {self.aux_batch_size}")
         if self.aux_max_length < 16:

@@ -216,6 +216,11 @@ class SparkGRPOTrainer(GRPOTrainer):
                 "engine work with plain text or chat prompts only, not with tools, rollout_func or "
                 "environment_factory. Set min_generations=max_generations, skip_zero_advantage='none', a TRL "
                 "loss_type, aux_loss_scale=0 and rollout_engine='trl' to use those.")
+        if args.aux_loss_scale > 0 and args.aux_mode == "phase" and _uses_deepspeed(args):
+            raise ValueError(
+                "aux_mode='phase' does not work under DeepSpeed: its engine steps the optimizer at its own gradient "
+                "accumulation boundary (every gradient_accumulation_steps backward passes), not after each "
+                "auxiliary micro-batch as the phase does. Use aux_mode='joint', or DDP/FSDP.")
         if args.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("SparkGRPOTrainer supports multi_objective_aggregation='sum_then_normalize' only")
         if args.scale_rewards not in ("group", "none"):
@@ -764,14 +769,18 @@ class SparkGRPOTrainer(GRPOTrainer):
             examples = objective.build(rollouts, ranks=self._ranks)
         else:
             examples = objective.build(rollouts)
-        examples = [e for e in examples if e.weight > 0]
-        self._count_aux_examples(examples)
-        return examples
+        return [e for e in examples if e.weight > 0]
 
     def _prepare_joint_aux(self, rollouts: list[Rollout], n_micro: int):
+        """At most aux_batch_size examples per micro-step, so that memory is bounded whatever the rollout yields;
+        the rest are left unused (counted)."""
         examples = self._build_aux_examples(rollouts)
         random.Random(self.args.seed + self._group_counter).shuffle(examples)
-        self._joint_aux_batches = [examples[j::n_micro] for j in range(n_micro)]
+        bs = self.args.aux_batch_size
+        self._joint_aux_batches = [examples[j * bs:(j + 1) * bs] for j in range(n_micro)]
+        used = examples[:n_micro * bs]
+        self._count_aux_examples(used)
+        self._stats.aux_examples_unused += int(self._ranks.sum([len(examples) - len(used)])[0])
 
     def _count_aux_examples(self, examples):
         counts = Counter(e.kind for e in examples)
@@ -808,6 +817,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         """
         objective = self.aux_objective
         examples = self._build_aux_examples(self._epoch_rollouts)
+        self._count_aux_examples(examples)
         self._epoch_rollouts = []
         random.Random(self.args.seed + int(self.state.epoch or 0)).shuffle(examples)
         bs = self.args.aux_batch_size
@@ -851,6 +861,13 @@ def _group_rows(inputs: list[dict], k0: int) -> list[dict]:
         if any(inputs[g * k0 + j]["prompt"] != row["prompt"] for j in range(k0)):
             raise RuntimeError("a generation batch must hold whole groups of min_generations identical prompts")
     return rows
+
+
+def _uses_deepspeed(args) -> bool:
+    import os
+
+    return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
+        "1", "true", "yes")
 
 
 def _check_columns(reward_funcs, train_dataset, aux_objective) -> None:
