@@ -182,6 +182,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         self._group_counter = 0
         self._micro_batches: list[dict] = []  # the current rollout, one dict per micro-step
         self._micro_step_rows: list[int] = []  # per micro-step: rows in the loss (and aux examples), all ranks
+        self._micro_aux_rows: list[int] = []  # per micro-step: joint-mode auxiliary examples, all ranks
         self._n_micro = 0  # micro-steps of one pass over the current rollout
         self._micro_num_items: list | None = None
         self._position = 0  # the current micro-step's index in _micro_batches
@@ -272,6 +273,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         if self.args.rollout_schedule == "epoch" and self._rollout_epoch == self._epoch_index:
             # The epoch's rollout, which the rest of the pass trains on.
             state["pass"] = {"epoch": self._rollout_epoch, "rows": self._micro_step_rows,
+                             "aux_rows": self._micro_aux_rows, "aux_batches": self._joint_aux_batches,
                              "rollout_global_step": self._rollout_global_step,
                              "micro_batches": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in mb.items()}
                                                for mb in self._micro_batches]}
@@ -287,6 +289,7 @@ class SparkGRPOTrainer(GRPOTrainer):
             self._micro_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
                                    for mb in saved["micro_batches"]]
             self._micro_step_rows = saved["rows"]
+            self._micro_aux_rows, self._joint_aux_batches = saved["aux_rows"], saved["aux_batches"]
             self._rollout_epoch = saved["epoch"]
             self._rollout_global_step = saved["rollout_global_step"]
 
@@ -408,6 +411,8 @@ class SparkGRPOTrainer(GRPOTrainer):
         if self.args.rollout_schedule == "epoch":  # num_iterations passes over the epoch's rollout
             self._micro_batches = self._micro_batches * self.num_iterations
             self._micro_step_rows = self._micro_step_rows * self.num_iterations
+            self._micro_aux_rows = self._micro_aux_rows * self.num_iterations
+            self._joint_aux_batches = self._joint_aux_batches * self.num_iterations
 
     def _epoch_rows(self) -> list[dict]:
         """This process's problems of the current epoch, each repeated min_generations times (TRL's format)."""
@@ -585,8 +590,9 @@ class SparkGRPOTrainer(GRPOTrainer):
         aux_rows = [len(b) for b in self._joint_aux_batches] if joint else [0] * n_micro
         totals = self._ranks.sum([float(len(kept))] + tokens + real_rows + aux_rows)
         tokens = totals[1:1 + n_micro]
+        self._micro_aux_rows = [int(x) for x in totals[1 + 2 * n_micro:]]
         self._micro_step_rows = [int(a + b) for a, b in zip(totals[1 + n_micro:1 + 2 * n_micro],
-                                                            totals[1 + 2 * n_micro:])]
+                                                            self._micro_aux_rows)]
         batch["num_sequences"] = torch.tensor(totals[0], device=device)
         batch["num_items_in_batch"] = torch.tensor(sum(tokens), device=device)
         self._micro_num_items = None
@@ -648,10 +654,19 @@ class SparkGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)[rows]
         logits_to_keep = batch["completion_ids"].size(1)
         bs = self.args.per_device_train_batch_size
+        # The same number of forwards on every rank (under FSDP each one gathers parameters collectively): as many
+        # chunks of bs rows as the rank with the most rows needs; a rank with fewer repeats a chunk of its own.
+        n_chunks = self._ranks.max(-(-len(rows) // bs))
 
         def forward(model):
-            logps = trl_private.per_token_logps(self, model, input_ids, attention_mask, logits_to_keep, bs)
-            return logps.float()[take]
+            chunks = []
+            for c in range(n_chunks):
+                part = slice(c * bs, (c + 1) * bs) if c * bs < len(rows) else slice(0, min(bs, len(rows)))
+                logps = trl_private.per_token_logps(self, model, input_ids[part], attention_mask[part],
+                                                    logits_to_keep)
+                if c * bs < len(rows):
+                    chunks.append(logps.float())
+            return torch.cat(chunks)[take]
 
         # Without dropout: the log-probs of the policy that sampled the rollout (generation runs without it). With
         # dropout active in the loss forward no cached value can match its random mask; computing the old
@@ -790,24 +805,26 @@ class SparkGRPOTrainer(GRPOTrainer):
                 self._stats.aux_examples[kind] += int(total)
 
     def _joint_aux_loss(self, model):
-        batch = self._joint_aux_batches[self._position] if self._position < len(self._joint_aux_batches) else []
-        aux = 0.0
-        if batch:
-            # The unwrapped model: a second forward through the DDP wrapper before one backward is not allowed;
-            # the gradients still reach the shared parameters and are reduced with the GRPO loss's.
-            aux = self.aux_objective.loss(self.accelerator.unwrap_model(model), batch)
-        # Every rank gets here once per micro-step: the figures are averaged over the ranks that had a batch.
-        total, count = self._ranks.sum([float(aux.detach()) if batch else 0.0, 1.0 if batch else 0.0])
-        if count:
-            self._stats.aux_loss_sum += total / count
-            self._stats.aux_steps += 1
-            trl_private.metrics(self)["aux/loss"].append(total / count)
-        if not batch:
+        """The auxiliary loss of this micro-step's examples. Whenever any rank has examples every rank runs one
+        forward (a weight-0 dummy example where it has none): under FSDP a forward gathers parameters collectively.
+        Under DDP the forward goes through the unwrapped model (a second forward through the DDP wrapper before
+        one backward is not allowed); the gradients still reach the shared parameters and are reduced with the
+        GRPO loss's. Under FSDP it goes through the wrapped model, whose root unit gathers the parameters."""
+        pos = self._position
+        if pos >= len(self._micro_aux_rows) or not self._micro_aux_rows[pos]:
             return 0.0
+        batch = self._joint_aux_batches[pos] if pos < len(self._joint_aux_batches) else []
+        aux_model = model if self.is_fsdp_enabled else self.accelerator.unwrap_model(model)
+        aux = self.aux_objective.loss(aux_model, batch or [self.aux_objective.dummy_example()])
+        # The figures are averaged over the ranks that had a batch.
+        total, count = self._ranks.sum([float(aux.detach()) if batch else 0.0, 1.0 if batch else 0.0])
+        self._stats.aux_loss_sum += total / count
+        self._stats.aux_steps += 1
+        trl_private.metrics(self)["aux/loss"].append(total / count)
         # DDP averages gradients over all ranks; rescale so that the result is the mean over the ranks that had
         # a batch (a rank without one would otherwise halve the weight of the others' examples).
-        rescale = self.accelerator.num_processes / count
-        return self.args.aux_loss_scale * rescale * aux / self.current_gradient_accumulation_steps
+        weight = self.accelerator.num_processes / count if batch else 0.0
+        return self.args.aux_loss_scale * weight * aux / self.current_gradient_accumulation_steps
 
     def _run_aux_phase(self):
         """One auxiliary epoch over this epoch's rollouts (the study's Condition C), with the trainer's optimizer.
