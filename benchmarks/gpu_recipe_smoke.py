@@ -1,7 +1,10 @@
 """A study recipe end to end on one GPU, small: the runner's GPU path (rollout_engine='auto' -> the fast engine, the
 evaluation borrowing the trainer's engine, checkpoints, results) on the 3B-shaped random model.
 
-    python benchmarks/gpu_recipe_smoke.py --model_dir /tmp/qwen25-3b-shaped --out /tmp/recipe-smoke
+    python benchmarks/gpu_recipe_smoke.py --model_dir runs/bench/qwen25-3b-shaped --out runs/bench/recipe-smoke
+
+``--model_dir``: any causal LM folder; runs/bench/qwen25-3b-shaped is the 3B-shaped random model that
+``gpu_rollout_bench.py`` and ``gpu_train_bench.py`` build on their first run.
 
 Prints the results rows, which backend each part used and the peak GPU memory.
 """

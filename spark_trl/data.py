@@ -73,7 +73,7 @@ def _mbpp_entry_point(row: dict, where: str) -> str:
     reference defines. Not the regex group of ``assert <name>(``, which is ``set`` in
     ``assert set(similar_elements(...)) == ...``."""
     try:
-        tree = ast.parse(row["code"])
+        tree = ast.parse(row["code"], "<dataset>")
     except SyntaxError as exc:
         raise DataError(f"{where}: reference code does not parse: {exc}") from None
     functions = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
@@ -229,7 +229,7 @@ def split_humaneval_test(test: str, entry_point: str) -> tuple[str, ...]:
     not, like ``assert True``, would be free credit and are dropped). Anything else (loops, asserts depending
     on earlier candidate calls) stays one whole test. Every test ends by calling ``check(<entry_point>)``.
     """
-    tree = ast.parse(test)
+    tree = ast.parse(test, "<dataset>")
     checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
     whole = (test.rstrip() + f"\n\ncheck({entry_point})\n",)
     if len(checks) != 1 or not checks[0].args.args:
@@ -259,7 +259,7 @@ def split_humaneval_test(test: str, entry_point: str) -> tuple[str, ...]:
 
 def humaneval_prelude(prompt: str, entry_point: str) -> str:
     """The prompt's imports and helper definitions, without the entry point's own (body-less) stub."""
-    tree = ast.parse(prompt)
+    tree = ast.parse(prompt, "<dataset>")
     keep = [n for n in tree.body
             if not (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == entry_point)]
     return "".join(ast.unparse(n) + "\n" for n in keep)

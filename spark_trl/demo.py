@@ -34,25 +34,32 @@ logger = logging.getLogger(__name__)
 # (add, strlen, gcd, fib, is_palindrome, max_element). Chosen by task, before looking at any model's results.
 HUMANEVAL_SUBSET = tuple(f"HumanEval/{n}" for n in (2, 3, 7, 14, 15, 16, 22, 24, 27, 28, 29, 30, 34, 42, 45, 60))
 
-# What the demo changes in a recipe when not --full: sizes for 2 CPU cores, and a learning rate at which one
-# short iteration moves a small model (the study's 5e-6 was tuned for 3B parameters and 311 problems x 6).
-DEMO_SIZES: dict[str, Any] = dict(
-    iterations=1,
+# What the demo changes in a recipe when not --full. Both devices use the configuration that the learning
+# benchmark (benchmarks/gpu_learning_bench.py, docs/benchmarks.md) shows improving SmolLM2-135M-Instruct: the
+# 'progress' reward (the study's penalties teach a weak model to give up), a learning rate for a small model (the
+# study's 5e-6 was tuned for 3B parameters and 311 problems x 6), groups of 4 grown to 8 when their rewards tie.
+# The CPU sizes fit about 15 minutes on 2 cores; the GPU ones are the benchmark's.
+DEMO_COMMON: dict[str, Any] = dict(
+    reward_mode="progress",
+    exec_timeout=2.0,  # the built-in problems run in milliseconds; a looping sample should not hold a step
     learning_rate=5e-5,
-    max_completion_length=128,
-    per_device_train_batch_size=8,
-    gradient_accumulation_steps=2,
     min_generations=4,
     max_generations=8,
-    eval_max_new_tokens=128,
-    eval_n_samples=5,
-    eval_batch_size=40,
     logging_steps=1,
     checkpoint_steps=0,
 )
-DEMO_TRAIN_PROBLEMS = 16
-DEMO_HUMANEVAL = 8
-DEMO_HELDOUT = 8
+DEMO_SIZES: dict[str, dict[str, Any]] = {
+    "cpu": dict(DEMO_COMMON, iterations=1, max_completion_length=128, eval_max_new_tokens=128,
+                per_device_train_batch_size=8, gradient_accumulation_steps=2, eval_n_samples=5, eval_batch_size=40),
+    # One generation round per step (prefetch: a decoding step costs the same at batch 64 as at 16 on a GPU), 16
+    # problems per optimizer step, 10 steps per pass over the 160 built-in problems.
+    "cuda": dict(DEMO_COMMON, iterations=6, max_completion_length=256, eval_max_new_tokens=256,
+                 per_device_train_batch_size=32, gradient_accumulation_steps=2, top_up_mode="prefetch",
+                 eval_n_samples=10, eval_batch_size=160),
+}
+# Problems: (training, HumanEval subset, built-in held-out); None = all of them.
+DEMO_PROBLEMS: dict[str, tuple[int | None, int, int | None]] = {"cpu": (16, 8, 8), "cuda": (None, 0, None)}
+DEMO_TRAIN_PROBLEMS, DEMO_HUMANEVAL, DEMO_HELDOUT = DEMO_PROBLEMS["cpu"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,17 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None,
                         help="where results and checkpoints go (default: runs/demo-<UTC time>, a new folder "
                              "each run so that nothing is overwritten)")
-    parser.add_argument("--iterations", type=int, default=None, help="GRPO iterations (demo: 1)")
+    parser.add_argument("--iterations", type=int, default=None, help="GRPO iterations (demo: 1 on a CPU, 6 on a GPU)")
     parser.add_argument("--train_problems", type=int, default=None,
-                        help=f"training problems (demo: the first {DEMO_TRAIN_PROBLEMS} of the 48 built-in ones)")
+                        help=f"training problems (demo: the first {DEMO_TRAIN_PROBLEMS} built-in ones on a CPU, all of "
+                             "them on a GPU)")
     parser.add_argument("--humaneval", type=int, default=None,
-                        help=f"HumanEval problems to evaluate on (demo: a fixed subset of {DEMO_HUMANEVAL}; "
+                        help=f"HumanEval problems to evaluate on (demo: a fixed subset of {DEMO_HUMANEVAL} on a CPU, "
+                             "none on a GPU; "
                              "0 leaves HumanEval out)")
     parser.add_argument("--heldout", type=int, default=None,
-                        help=f"held-out problems to evaluate on (demo: {DEMO_HELDOUT} of the 12 built-in ones)")
-    parser.add_argument("--eval_samples", type=int, default=None, help="samples per evaluation problem (demo: 5)")
+                        help=f"built-in held-out problems to evaluate on (demo: {DEMO_HELDOUT} on a CPU, all on a GPU)")
+    parser.add_argument("--eval_samples", type=int, default=None,
+                        help="samples per evaluation problem (demo: 5 on a CPU, 10 on a GPU)")
     parser.add_argument("--max_new_tokens", type=int, default=None,
-                        help="tokens per rollout and per evaluation sample (demo: 128)")
+                        help="tokens per rollout and per evaluation sample (demo: 128 on a CPU, 256 on a GPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: the cores not already busy, at least 1; on a "
                              "shared machine one thread is much faster than two fighting for a core)")
@@ -138,7 +148,7 @@ def demo_recipe(args, device: str) -> dict[str, Any]:
 
     recipe = dict(RECIPES[args.recipe])
     if not args.full:
-        recipe.update(DEMO_SIZES)
+        recipe.update(DEMO_SIZES[device])
     small_model = args.model is None and not args.full
     if device == "cpu":
         # 4-bit bitsandbytes and bf16 are slow or unsupported on CPU; a small model trains in float32.
@@ -153,25 +163,28 @@ def demo_recipe(args, device: str) -> dict[str, Any]:
         recipe["eval_n_samples"] = args.eval_samples
     if args.mbpp is not None:
         recipe["mbpp_path"] = None if args.mbpp == "hub" else args.mbpp
+        recipe.pop("exec_timeout", None)  # MBPP's task 123 needs about 4 s of CPU: the recipe's 10 s
         if args.train_problems is not None:
             recipe["max_train_problems"] = args.train_problems
         elif not args.full:
-            recipe["max_train_problems"] = DEMO_TRAIN_PROBLEMS
+            recipe["max_train_problems"] = DEMO_PROBLEMS[device][0] or 311
     recipe.update(resume=args.resume, overwrite=args.overwrite)
     recipe["output_dir"] = args.output_dir
     return recipe
 
 
-def demo_data(args, study) -> tuple[list | None, dict | None]:
+def demo_data(args, study, device: str = "cpu") -> tuple[list | None, dict | None]:
     """Training problems and evaluation sets: the built-in ones, or None to let the runner load MBPP."""
     from .data import load_humaneval
     from .problems import load_builtin
+
+    n_train_default, n_humaneval_default, n_held_default = DEMO_PROBLEMS[device]
 
     humaneval = everything = load_humaneval(study.humaneval_path)
     if args.humaneval is not None:
         humaneval = humaneval[: args.humaneval]
     elif not args.full:
-        wanted = set(HUMANEVAL_SUBSET[:DEMO_HUMANEVAL])
+        wanted = set(HUMANEVAL_SUBSET[:n_humaneval_default])
         humaneval = [p for p in humaneval if p.task_id in wanted]
     if args.mbpp is not None:
         from .evaluation import load_eval_benchmarks
@@ -185,10 +198,11 @@ def demo_data(args, study) -> tuple[list | None, dict | None]:
     if args.train_problems is not None and args.train_problems > len(train):
         raise ValueError(f"--train_problems {args.train_problems}: there are {len(train)} built-in problems "
                          "(use --mbpp for the study's pool)")
-    n_train = args.train_problems or (len(train) if args.full else DEMO_TRAIN_PROBLEMS)
+    n_train = args.train_problems or (len(train) if args.full else n_train_default or len(train))
     train = train[:n_train]
     heldout = load_builtin("heldout")
-    n_held = args.heldout if args.heldout is not None else (len(heldout) if args.full else DEMO_HELDOUT)
+    n_held = args.heldout if args.heldout is not None else (len(heldout) if args.full else n_held_default)
+    n_held = len(heldout) if n_held is None else n_held
     heldout = heldout[:n_held]
     # "humaneval" only for the whole benchmark, so that a subset's score is never read as a HumanEval score.
     name = "humaneval" if len(humaneval) == len(everything) else "humaneval-subset"
@@ -225,7 +239,7 @@ def demo_main(argv: list[str] | None = None) -> int:
             from .smollm import smollm2_path
 
             model_args.model_name_or_path = str(smollm2_path())
-        train_problems, eval_sets = demo_data(args, study)
+        train_problems, eval_sets = demo_data(args, study, device)
         if not eval_sets:
             raise ValueError("nothing to evaluate on: --humaneval 0 and --heldout 0 leave no evaluation set")
     except (ValueError, OSError, RuntimeError) as exc:  # bad flags, missing files or packages: before any model

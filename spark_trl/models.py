@@ -42,10 +42,10 @@ def check_adapter(path: str | os.PathLike) -> dict:
 
     Example:
     ```python
-    >>> check_adapter("/tmp/not-there")
+    >>> check_adapter("runs/not-there")
     Traceback (most recent call last):
     ...
-    spark_trl.models.ModelLoadError: adapter path /tmp/not-there does not exist
+    spark_trl.models.ModelLoadError: adapter path runs/not-there does not exist
     ```
     """
     path = Path(path)

@@ -42,6 +42,9 @@ class ExecutionOutcome:
     duration: float = 0.0
     code: str = ""  # the program that was executed (after extraction)
     error_tail: str = ""  # the first failing test's error tail
+    # The program makes no attempt at the problem (a stub: no entry point, or a body that only returns a constant,
+    # passes or holds a docstring); set by ExecutionReward, see spark_trl.reward.is_no_attempt.
+    no_attempt: bool = False
 
     @property
     def passed(self) -> int:
@@ -58,4 +61,5 @@ class ExecutionOutcome:
     def to_dict(self) -> dict:
         return {"status": self.status.value, "passed": self.passed, "total": self.total,
                 "duration": self.duration, "code": self.code, "error_tail": self.error_tail,
+                "no_attempt": self.no_attempt,
                 "tests": [t.to_dict() for t in self.tests]}

@@ -57,7 +57,7 @@ def signature_of(code: str, name: str) -> str | None:
     parse or defines no such function.
     """
     try:
-        tree = ast.parse(code)
+        tree = ast.parse(code, "<dataset>")
     except SyntaxError:
         return None
     for node in tree.body:
@@ -97,13 +97,19 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
     """
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a str, got {type(completion).__name__}")
-    blocks = [(m.group(2).lower(), m.group(3)) for m in _FENCE.finditer(completion)]
+    matches = list(_FENCE.finditer(completion))
+    blocks = [(m.group(2).lower(), m.group(3)) for m in matches]
     python_blocks = [body for tag, body in blocks if tag in _PY_TAGS]
     if python_blocks:
         if entry_point:
             for body in python_blocks:
                 if _defines(body, entry_point):
                     return body.strip("\n").rstrip()
+            # Code written first, unfenced, then a stray closing fence and prose or an example (small models do
+            # this when told "no markdown"): the program is the text before the first fence.
+            head = completion[:matches[0].start()]
+            if _defines(head, entry_point):
+                return _strip_prose(head)
         return python_blocks[0].strip("\n").rstrip()
     return _strip_prose(completion)
 

@@ -4,7 +4,21 @@ A drop-in TRL reward function (``GRPOTrainer(reward_funcs=[ExecutionReward()])``
 ``completions``, ``completion_ids`` and every dataset column as keyword arguments; this reads ``tests``,
 ``test_setup`` and ``entry_point`` (the columns of ``spark_trl.data.to_grpo_dataset``).
 
-Scoring, the SPARK-Code study's rule (penalties and floor are constructor arguments):
+Three scoring modes (``mode=``), because what a reward pays for is what GRPO teaches:
+
+``"progress"`` (the default): pays only for real progress.
+
+    all tests pass -> 1.0
+    otherwise      -> (tests passed that no do-nothing program passes) / (all tests)      (never below 0)
+
+    A do-nothing program is a stub of the entry point that returns a constant (None, 0, 1, True, False, "",
+    [], {}) or its first argument; which tests some stub passes is measured once per problem, in the sandbox.
+    Syntax errors, runtime errors and timeouts score what their passed tests earn, at least 0: failing while
+    trying is never worse than not trying, and not trying earns exactly 0.
+
+``"binary"``: 1.0 when every test passes, else 0.0 (the sparsest signal; nothing to game but the tests).
+
+``"study"``: the SPARK-Code study's rule, for the five study recipes that reproduce it:
 
     base = passed / total
     all tests pass -> 1.0
@@ -13,18 +27,40 @@ Scoring, the SPARK-Code study's rule (penalties and floor are constructor argume
     runtime error  -> max(base + runtime_penalty, runtime_penalty)    (-0.1)
     wrong answer   -> max(base, wrong_answer_floor)                   (0.0)
 
-where the class of a failed attempt is that of its first failing test, as the sandbox saw it happen
-(``compile()`` failure, the exception that ended the test, the harness's own deadline), never by searching
-the error text (the study scored any message containing "timeout" as a timeout).
+    Why it is not the default: a program that does nothing (a docstring, ``pass``) scores 0, above an attempt
+    that raises (-0.1) or is cut by the token limit (a syntax error, -0.2). For a model that rarely passes, giving
+    up is the best policy and GRPO finds it: SmolLM2-135M went from held-out pass@1 0.16 to 0 in six iterations,
+    every sample a docstring-only function, while the mean reward rose (docs/benchmarks.md, learning benchmark).
+
+The class of a failed attempt is that of its first failing test, as the sandbox saw it happen (``compile()``
+failure, the exception that ended the test, the harness's own deadline), never by searching the error text.
+
+Every outcome is also marked ``no_attempt`` (see ``is_no_attempt``): the program defines no entry point, or
+its body only returns a constant / raises NotImplementedError / is a docstring or ``pass``. The reward logs that
+share (``execution/no_attempt``) and the trainer warns when the pass rate falls while the reward rises.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
+import re
+import threading
 from typing import Any, Callable, Sequence
 
 from .outcome import ExecutionOutcome, Status, TestResult
 from .prompts import extract_code
 from .sandbox import Executor, Job, get_executor
+
+REWARD_MODES = ("progress", "binary", "study")
+STUDY_PENALTIES = dict(syntax_penalty=-0.2, runtime_penalty=-0.1, timeout_penalty=-0.3, wrong_answer_floor=0.0)
+
+# What the do-nothing stubs return: the constants a policy could answer without reading its input, and the
+# input itself. A test one of them passes (``assert f([]) == []``, ``assert is_prime(4) == False``) says
+# nothing about a program that passes it too.
+_TRIVIAL_RETURNS = ("None", "0", "1", "True", "False", "''", "[]", "{}", "args[0] if args else None")
+_MAX_ANALYSED_CHARS = 100_000  # a longer program is not analysed for no-attempt (it is an attempt, of a kind)
+_BUILTIN_NAMES = frozenset(dir(builtins))
 
 
 def _completion_text(completion: Any) -> str | None:
@@ -49,26 +85,170 @@ def _column(value, n: int, name: str, default=None) -> list:
     return value
 
 
+# ------------------------------------------------------------------------------------------ no attempt
+
+
+def _is_trivial_statement(node: ast.stmt) -> bool:
+    if isinstance(node, ast.Pass):
+        return True
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):  # docstring, `...`, a bare literal
+        return True
+    if isinstance(node, ast.Return):
+        if node.value is None:
+            return True
+        try:
+            ast.literal_eval(node.value)  # a constant: None, 0, "", [], (1, 2), {}
+            return True
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return False
+    if isinstance(node, ast.Raise):
+        exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+        return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+    return False
+
+
+def _trivial_body(func: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    return all(_is_trivial_statement(stmt) for stmt in func.body)
+
+
+def is_no_attempt(code: str, entry_point: str | None = None) -> bool:
+    """Whether a program makes no attempt at its problem: it is empty, or defines no ``entry_point`` (no def,
+    class or assignment of that name), or the entry point's body only holds a docstring, ``pass``, ``...``, a
+    ``return`` of a constant or ``raise NotImplementedError``. Without an entry point: every top-level function
+    is of that kind (or there is none). A program that does not compile is an attempt that failed (unless it
+    never names the entry point: prose, a refusal).
+
+    Judged on the program's structure rather than its score: a wrong answer and a stub both fail every test,
+    but only one of them tried.
+
+    Example:
+    ```python
+    >>> is_no_attempt('def add(a, b):\\n    \"\"\"Add two numbers.\"\"\"', "add")
+    True
+    >>> is_no_attempt("def add(a, b):\\n    return 0", "add")
+    True
+    >>> is_no_attempt("def add(a, b):\\n    return a - b", "add")
+    False
+    >>> is_no_attempt("def add(a, b):\\n    return a +", "add")   # a syntax error is a failed attempt
+    False
+    ```
+    """
+    if not isinstance(code, str) or len(code) > _MAX_ANALYSED_CHARS:
+        return False
+    if not code.strip():
+        return True
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        # A program that does not compile tried, unless it never even names what it was asked for (prose only).
+        if entry_point:
+            return re.search(rf"\b{re.escape(entry_point)}\b", code) is None
+        return re.search(r"\b(?:def|lambda)\b", code) is None
+    funcs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if entry_point:
+        bound = [n for n in ast.walk(tree) if _binds(n, entry_point)]
+        if not bound:
+            return True
+        last = bound[-1]  # the definition in force when the tests run
+        return isinstance(last, (ast.FunctionDef, ast.AsyncFunctionDef)) and _trivial_body(last)
+    return all(_trivial_body(f) for f in funcs) and not any(
+        isinstance(n, (ast.ClassDef, ast.Assign, ast.AnnAssign, ast.For, ast.While, ast.If)) for n in tree.body)
+
+
+def _binds(node: ast.AST, name: str) -> bool:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name == name
+    if isinstance(node, (ast.Name,)):
+        return node.id == name and isinstance(node.ctx, ast.Store)
+    if isinstance(node, ast.alias):
+        return (node.asname or node.name.split(".")[0]) == name
+    return False
+
+
+# ------------------------------------------------------------------------------------------ do-nothing stubs
+
+
+def _called_names(tests: Sequence[str], setup: str) -> list[str]:
+    """Names the tests call that neither the builtins nor the setup provide: what a program must define."""
+    defined: set[str] = set()
+    try:
+        for node in ast.walk(ast.parse(setup or "")):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.alias):
+                defined.add(node.asname or node.name.split(".")[0])
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        pass
+    names: list[str] = []
+    for test in tests:
+        try:
+            tree = ast.parse(test)
+        except (SyntaxError, ValueError, MemoryError, RecursionError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                name = node.func.id
+                if name not in _BUILTIN_NAMES and name not in defined and name not in names:
+                    names.append(name)
+    return names
+
+
+def do_nothing_programs(tests: Sequence[str], setup: str = "", entry_point: str | None = None) -> list[str]:
+    """The stubs whose test results define a problem's uninformative tests: the entry point (or, without one,
+    every function the tests call) returning each trivial value.
+
+    Example:
+    ```python
+    >>> print(do_nothing_programs(["assert add(1, 2) == 3"], entry_point="add")[0])
+    def add(*args, **kwargs):
+        return None
+    ```
+    """
+    names = [entry_point] if entry_point else _called_names(tests, setup)
+    if not names:
+        return []
+    return ["\n\n".join(f"def {name}(*args, **kwargs):\n    return {value}" for name in names)
+            for value in _TRIVIAL_RETURNS]
+
+
+# ------------------------------------------------------------------------------------------ the reward
+
+
 class ExecutionReward:
-    """Reward = the study's score of running the completion's code against the problem's tests.
+    """Reward = the score of running the completion's code against the problem's tests.
 
     Args:
-        syntax_penalty, runtime_penalty, timeout_penalty, wrong_answer_floor: the scoring rule's constants.
+        mode: ``"progress"`` (default: credit only for tests no do-nothing program passes, never below 0),
+            ``"binary"`` (all tests pass or nothing) or ``"study"`` (the SPARK-Code study's rule with its
+            penalties). The module docstring says what each pays for and why.
+        syntax_penalty, runtime_penalty, timeout_penalty, wrong_answer_floor: the study rule's constants
+            (default: the study's -0.2, -0.1, -0.3, 0.0); only ``mode="study"`` takes them.
         timeout: seconds per test (task 123 of MBPP needs about 4 s of CPU).
         workers: judge processes of a private executor (default: one per CPU).
         executor: an ``Executor`` to share; default: the process-wide ``get_executor()`` (or a private one when
             ``workers``/``timeout`` differ from the defaults).
 
     After each call ``last_outcomes`` holds one ``ExecutionOutcome`` per completion (the trainer logs them,
-    Condition C's recycling reads them).
+    Condition C's recycling reads them), each marked ``no_attempt``.
 
     Example:
     ```python
     >>> reward = ExecutionReward()
-    >>> reward(completions=["```python\\ndef add(a, b):\\n    return a + b\\n```"],
-    ...        tests=[["assert add(1, 2) == 3", "assert add(2, 2) == 4"]])
-    [1.0]
+    >>> reward(completions=["```python\\ndef add(a, b):\\n    return a + b\\n```",
+    ...                     "```python\\ndef add(a, b):\\n    return a * b\\n```",
+    ...                     "```python\\ndef add(a, b):\\n    \\"\\"\\"Add.\\"\\"\\"\\n```"],
+    ...        tests=["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 0) == 0"],
+    ...        entry_point="add")  # one problem's tests, for every completion
+    [1.0, 0.3333333333333333, 0.0]
+    >>> ExecutionReward(mode="study")(completions=["def add(a, b):\\n    return a +"],
+    ...                               tests=[["assert add(1, 2) == 3"]])
+    [-0.2]
     ```
+
+    (In the first call, ``a * b`` passes ``add(2, 2) == 4``, which no stub passes: 1 of 3 tests earned. It also
+    passes ``add(0, 0) == 0``, which ``return 0`` passes too: no credit for that one.)
     """
 
     __name__ = "execution_reward"
@@ -76,19 +256,32 @@ class ExecutionReward:
     # `entry_point` are read when present.
     required_columns = ("tests",)
 
-    def __init__(self, syntax_penalty: float = -0.2, runtime_penalty: float = -0.1, timeout_penalty: float = -0.3,
-                 wrong_answer_floor: float = 0.0, timeout: float = 10.0, workers: int | None = None,
+    def __init__(self, mode: str = "progress", syntax_penalty: float | None = None,
+                 runtime_penalty: float | None = None, timeout_penalty: float | None = None,
+                 wrong_answer_floor: float | None = None, timeout: float = 10.0, workers: int | None = None,
                  executor: Executor | None = None):
+        if mode not in REWARD_MODES:
+            raise ValueError(f"mode must be one of {', '.join(REWARD_MODES)}; got {mode!r}")
+        given = {k: v for k, v in dict(syntax_penalty=syntax_penalty, runtime_penalty=runtime_penalty,
+                                       timeout_penalty=timeout_penalty,
+                                       wrong_answer_floor=wrong_answer_floor).items() if v is not None}
+        if mode != "study" and any(float(v) != STUDY_PENALTIES[k] and float(v) != 0.0 for k, v in given.items()):
+            raise ValueError(f"mode={mode!r} takes no penalties (they make doing nothing pay better than a failed "
+                             f"attempt); got {', '.join(given)}. Use mode='study' for the study's rule.")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.syntax_penalty = float(syntax_penalty)
-        self.runtime_penalty = float(runtime_penalty)
-        self.timeout_penalty = float(timeout_penalty)
-        self.wrong_answer_floor = float(wrong_answer_floor)
+        self.mode = mode
+        values = {**STUDY_PENALTIES, **given}
+        self.syntax_penalty = float(values["syntax_penalty"])
+        self.runtime_penalty = float(values["runtime_penalty"])
+        self.timeout_penalty = float(values["timeout_penalty"])
+        self.wrong_answer_floor = float(values["wrong_answer_floor"])
         self.timeout = float(timeout)
         self.workers = workers
         self._executor = executor
         self._own_executor = False
+        self._uninformative: dict[tuple, tuple[bool, ...]] = {}  # problem -> per test: some stub passes it
+        self._lock = threading.Lock()
         self.last_outcomes: list[ExecutionOutcome] = []
 
     @property
@@ -108,11 +301,21 @@ class ExecutionReward:
             self._executor = None
 
     # ------------------------------------------------------------------------------------ scoring
-    def score(self, outcome: ExecutionOutcome) -> float:
-        """The study's scalar for one outcome."""
+    def score(self, outcome: ExecutionOutcome, uninformative: Sequence[bool] | None = None) -> float:
+        """The scalar of one outcome under this reward's mode. ``uninformative`` (progress mode): per test,
+        whether a do-nothing program passes it (``uninformative_tests``); None counts every test."""
         status = outcome.status
         if status is Status.PASSED:
             return 1.0
+        if self.mode == "binary":
+            return 0.0
+        if self.mode == "progress":
+            if not outcome.total:
+                return 0.0
+            flags = list(uninformative) if uninformative is not None else [False] * outcome.total
+            earned = sum(t.status is Status.PASSED and not flags[i] for i, t in enumerate(outcome.tests)
+                         if i < len(flags))
+            return earned / outcome.total
         if status is Status.SYNTAX_ERROR:
             return self.syntax_penalty
         base = outcome.passed / outcome.total if outcome.total else 0.0
@@ -121,6 +324,30 @@ class ExecutionReward:
         if status is Status.RUNTIME_ERROR:
             return max(base + self.runtime_penalty, self.runtime_penalty)
         return max(base, self.wrong_answer_floor)
+
+    def uninformative_tests(self, tests: Sequence[str], setup: str = "", entry_point: str = "",
+                            task_id: str = "") -> tuple[bool, ...]:
+        """Per test: whether some do-nothing program passes it. Measured in the sandbox once per problem."""
+        return self._uninformative_for([(list(tests), setup or "", entry_point or "", task_id)])[0]
+
+    def _uninformative_for(self, problems: list[tuple[list[str], str, str, str]]) -> list[tuple[bool, ...]]:
+        keys = [(tuple(t), s, e) for t, s, e, _ in problems]
+        with self._lock:
+            todo = {k: p for k, p in zip(keys, problems) if k not in self._uninformative}
+        jobs, owners = [], []
+        for key, (tests, setup, entry, name) in todo.items():
+            for stub in do_nothing_programs(tests, setup, entry or None):
+                jobs.append(Job(code=stub, tests=tests, setup=setup, timeout=min(self.timeout, 2.0),
+                                task_id=f"{name} (do-nothing stub)", entry_point=entry))
+                owners.append(key)
+        found: dict[tuple, list[bool]] = {key: [False] * len(key[0]) for key in todo}
+        for key, outcome in zip(owners, self.executor.run(jobs) if jobs else []):
+            for i, t in enumerate(outcome.tests[:len(key[0])]):
+                found[key][i] = found[key][i] or t.status is Status.PASSED
+        with self._lock:
+            for key, flags in found.items():
+                self._uninformative[key] = tuple(flags)
+            return [self._uninformative[k] for k in keys]
 
     # ------------------------------------------------------------------------------------ running
     def run(self, completions: Sequence[Any], tests: Sequence[Sequence[str]], test_setup=None, entry_point=None,
@@ -156,6 +383,8 @@ class ExecutionReward:
             slots.append(i)
         for i, outcome in zip(slots, executor.run(jobs) if jobs else []):
             outcomes[i] = outcome
+        for i in slots:
+            outcomes[i].no_attempt = is_no_attempt(outcomes[i].code, entries[i] or None)
         return outcomes
 
     def __call__(self, prompts=None, completions=None, completion_ids=None, *, tests=None, test_setup=None,
@@ -167,7 +396,14 @@ class ExecutionReward:
             raise ValueError("execution_reward needs a `tests` column (list of test snippets per row)")
         outcomes = self.run(completions, tests, test_setup, entry_point, kwargs.get("task_id"))
         self.last_outcomes = outcomes
-        rewards = [self.score(o) for o in outcomes]
+        if self.mode == "progress":
+            n = len(outcomes)
+            rows = list(zip(_column(tests, n, "tests"), _column(test_setup, n, "test_setup", ""),
+                            _column(entry_point, n, "entry_point", ""), _column(kwargs.get("task_id"), n, "task_id", "")))
+            flags = self._uninformative_for([(list(t), s or "", e or "", str(k or "")) for t, s, e, k in rows])
+            rewards = [self.score(o, f) for o, f in zip(outcomes, flags)]
+        else:
+            rewards = [self.score(o) for o in outcomes]
         if log_metric is not None and outcomes:
             n = len(outcomes)
             for status in Status:
@@ -175,6 +411,7 @@ class ExecutionReward:
             log_metric("execution/tests_passed", sum(o.passed / max(o.total, 1) for o in outcomes) / n)
             log_metric("execution/test_timeouts",
                        sum(t.status is Status.TIMEOUT for o in outcomes for t in o.tests) / n)
+            log_metric("execution/no_attempt", sum(o.no_attempt for o in outcomes) / n)
         if log_extra is not None:
             log_extra("execution_status", [o.status.value for o in outcomes])
         return rewards

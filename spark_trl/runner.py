@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .evaluation import EvalConfig, evaluate, free_memory, isolated_rng, oom_errors
 
@@ -87,6 +88,11 @@ class StudyArguments:
         "help": "Evaluation sampler: 'hf' (transformers generate), 'spark' (the fast engine; the trainer's own when "
                 "it has one, so no second copy of the weights) or 'auto' (spark where the trainer samples with "
                 "it, else hf)."})
+    reward_mode: str = field(default="progress", metadata={
+        "help": "How the execution reward scores a program (spark_trl.reward): 'progress' (credit only for tests a "
+                "do-nothing program fails, never below 0), 'binary' (all tests pass or nothing), or 'study' (the "
+                "study's rule with the penalties below, which the five study recipes use). The study's penalties "
+                "make doing nothing pay better than a failed attempt; a weak model learns to give up under them."})
     syntax_penalty: float = field(default=-0.2, metadata={"help": "Reward of a program that does not compile."})
     runtime_penalty: float = field(default=-0.1, metadata={"help": "Reward floor after a runtime error."})
     timeout_penalty: float = field(default=-0.3, metadata={"help": "Reward floor after a timeout."})
@@ -111,6 +117,14 @@ class StudyArguments:
             raise ValueError(f"checkpoint_steps must be >= 0, got {self.checkpoint_steps}")
         if isinstance(self.eval_benchmarks, str):
             self.eval_benchmarks = [self.eval_benchmarks]
+        from .reward import REWARD_MODES, STUDY_PENALTIES
+
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode must be one of {', '.join(REWARD_MODES)}; got {self.reward_mode!r}")
+        changed = [k for k, v in STUDY_PENALTIES.items() if getattr(self, k) not in (v, 0.0)]
+        if self.reward_mode != "study" and changed:
+            raise ValueError(f"reward_mode={self.reward_mode!r} takes no penalties, but {', '.join(changed)} "
+                             "were set: use --reward_mode study for the study's scoring")
         if self.eval_rollout_engine not in ("auto", "hf", "spark"):
             raise ValueError(f"eval_rollout_engine must be 'auto', 'hf' or 'spark', got {self.eval_rollout_engine!r}")
         if self.eval_rollout_engine == "spark" and self.eval_temperature <= 0:
@@ -229,12 +243,14 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def results_table(rows: Sequence[dict], benchmarks: Sequence[str]) -> str:
-    """The per-iteration table in the reference card's format (plus completion tokens and group size)."""
+    """The per-iteration table in the reference card's format (plus completion tokens and group size), then the
+    mean reward and the share of samples that make no attempt (train rollouts, evaluation samples)."""
     label = {"humaneval": "HumanEval", "mbpp-heldout": "MBPP-held"}
     head = ["Iter"]
     for b in benchmarks:
         head += [f"{label.get(b, b)} pass@1", f"{label.get(b, b)} pass@5"]
-    head += ["Train pass rate", "GRPO KL", "Mean tokens", "Mean group size"]
+    head += ["Train pass rate", "GRPO KL", "Mean tokens", "Mean group size", "Mean reward", "No-attempt (train)",
+             "No-attempt (eval)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["iteration"])]
@@ -243,9 +259,63 @@ def results_table(rows: Sequence[dict], benchmarks: Sequence[str]) -> str:
         trained = r["iteration"] >= 1
         cells += [_fmt(r.get("train_pass_rate")) if trained else "", _fmt(r.get("kl"), 4) if trained else "",
                   _fmt(r.get("completion_tokens"), 1) if trained else "",
-                  _fmt(r.get("mean_group_size"), 2) if trained else ""]
+                  _fmt(r.get("mean_group_size"), 2) if trained else "", _fmt(r.get("reward")) if trained else "",
+                  _fmt(r.get("no_attempt"), 2) if trained else "", _fmt(_eval_no_attempt(r, benchmarks), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _eval_no_attempt(row: dict, benchmarks: Sequence[str]) -> float | None:
+    values = [row.get(f"{b}/no_attempt") for b in benchmarks]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _primary_pass_key(rows: Sequence[dict], benchmarks: Sequence[str]) -> str | None:
+    """The held-out set's pass@1 (the one a collapse shows in first), else the first set's."""
+    keys = [f"{b}/pass@1" for b in benchmarks]
+    held = [k for k in keys if "heldout" in k or "held-out" in k]
+    for key in held + keys:
+        if any(r.get(key) is not None for r in rows):
+            return key
+    return None
+
+
+def iteration_summary(row: dict, rows: Sequence[dict], benchmarks: Sequence[str], iterations: int) -> str:
+    """One line per iteration for a person to read: pass@1 per set (and its change since iteration 0), train pass
+    rate, no-attempt share, reward, KL, times; the collapse warning when it fired.
+
+    Example:
+    ```python
+    >>> base = {"iteration": 0, "heldout/pass@1": 0.158, "eval_seconds": 9.0}
+    >>> row = {"iteration": 1, "heldout/pass@1": 0.267, "train_pass_rate": 0.05, "no_attempt": 0.0,
+    ...        "reward": 0.07, "kl": 0.0012, "train_seconds": 61.0, "eval_seconds": 8.0}
+    >>> print(iteration_summary(row, [base, row], ["heldout"], 6))
+    iteration 1/6 | heldout pass@1 0.267 (+0.109) | train pass rate 0.050 | no-attempt 0.00 | reward 0.070 | KL 0.0012 | training 61 s, eval 8 s
+    ```
+    """
+    base = next((r for r in rows if r["iteration"] == 0), {})
+    parts = [f"iteration {row['iteration']}/{iterations}"]
+    for b in benchmarks:
+        value = row.get(f"{b}/pass@1")
+        if value is None:
+            continue
+        delta = value - base[f"{b}/pass@1"] if row["iteration"] and base.get(f"{b}/pass@1") is not None else None
+        parts.append(f"{b} pass@1 {value:.3f}" + (f" ({delta:+.3f})" if delta is not None else ""))
+    if row["iteration"] >= 1:
+        for key, name, digits in (("train_pass_rate", "train pass rate", 3), ("no_attempt", "no-attempt", 2),
+                                  ("reward", "reward", 3), ("kl", "KL", 4)):
+            if row.get(key) is not None:
+                parts.append(f"{name} {_fmt(row[key], digits)}")
+    elif _eval_no_attempt(row, benchmarks) is not None:
+        parts.append(f"no-attempt {_eval_no_attempt(row, benchmarks):.2f}")
+    times = [f"training {row['train_seconds']:.0f} s"] if row["iteration"] and row.get("train_seconds") else []
+    times.append(f"eval {row.get('eval_seconds', 0):.0f} s")
+    parts.append(", ".join(times))
+    line = " | ".join(parts)
+    if row.get("collapse_warning"):
+        line += "\n  WARNING: " + row["collapse_warning"]
+    return line
 
 
 def plot_results(rows: Sequence[dict], benchmarks: Sequence[str], path: str | os.PathLike) -> None:
@@ -268,10 +338,18 @@ def plot_results(rows: Sequence[dict], benchmarks: Sequence[str], path: str | os
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     trained = [r for r in rows if r["iteration"] >= 1]
-    ax_kl.plot([r["iteration"] for r in trained], [r.get("kl") or float("nan") for r in trained], "-o",
-               label="KL to reference")
-    ax_kl.plot([r["iteration"] for r in trained], [r.get("train_pass_rate") or float("nan") for r in trained],
-               "-s", label="train pass rate")
+    ti = [r["iteration"] for r in trained]
+
+    def series(key):
+        return [r.get(key) if r.get(key) is not None else float("nan") for r in trained]
+
+    ax_kl.plot(ti, series("train_pass_rate"), "-s", label="train pass rate")
+    ax_kl.plot(ti, series("no_attempt"), "-^", label="no-attempt share (train)")
+    ax_kl.plot(ti, series("reward"), "-d", label="mean reward")
+    ax_kl2 = ax_kl.twinx()
+    ax_kl2.plot(ti, series("kl"), ":o", color="gray", label="KL to reference (right axis)")
+    ax_kl2.set_ylabel("KL")
+    ax_kl2.legend(fontsize=8, loc="lower right")
     ax_kl.set_xlabel("iteration")
     ax_kl.set_title("Training")
     ax_kl.grid(alpha=0.3)
@@ -384,6 +462,7 @@ class StudyCallback(TrainerCallback):
                 for _ in range(epochs_done):
                     torch.randperm(sampler.num_samples, generator=sampler.generator)
         self._last_saved_step = state.global_step
+        runner.training_clock = time.time()
         spe = runner.steps_per_epoch(state)
         self._restore_epoch = runner.resumed_from is not None and bool(spe) and state.global_step % spe != 0
         if not any(r["iteration"] == 0 for r in self.state["rows"]):
@@ -438,6 +517,7 @@ class StudyRunner:
     def __init__(self, study: StudyArguments, training_args, model_args, train_problems=None, eval_sets=None,
                  command: str | None = None, progress: bool = True, callbacks: Sequence[TrainerCallback] = ()):
         self.study, self.args, self.model_args = study, training_args, model_args
+        self.training_clock: float | None = None  # see count_training_time
         self.extra_callbacks = list(callbacks)
         self.output_dir = Path(training_args.output_dir)
         self.train_problems, self.eval_sets = train_problems, eval_sets
@@ -509,7 +589,8 @@ class StudyRunner:
             tokenizer = load_tokenizer(margs.model_name_or_path, revision=margs.model_revision)
         if model is None:
             model = load_model_from_args(margs)  # every model option of the recipe (MODEL_CONFIG_FIELDS)
-        reward = ExecutionReward(syntax_penalty=study.syntax_penalty, runtime_penalty=study.runtime_penalty,
+        reward = ExecutionReward(mode=study.reward_mode, syntax_penalty=study.syntax_penalty,
+                                 runtime_penalty=study.runtime_penalty,
                                  timeout_penalty=study.timeout_penalty, wrong_answer_floor=study.wrong_answer_floor,
                                  timeout=study.exec_timeout)
         args = self.args
@@ -519,6 +600,7 @@ class StudyRunner:
                                         train_dataset=dataset, processing_class=tokenizer,
                                         peft_config=get_peft_config(margs))
         self.trainer.add_callback(self.callback)
+        _bars_without_metric_dicts(self.trainer)
         for callback in self.extra_callbacks:
             self.trainer.add_callback(callback)
         self._guard_training_step()
@@ -566,6 +648,7 @@ class StudyRunner:
         return max(1, state.max_steps // max(1, int(self.args.num_train_epochs))) if state.max_steps else 0
 
     def evaluate_iteration(self, iteration: int, state) -> dict:
+        self.count_training_time()
         trainer = self.trainer
         seed = self.args.seed + BASE_EVAL_SEED + 100 * iteration
         engine = getattr(trainer, "rollout_engine", None)
@@ -584,25 +667,41 @@ class StudyRunner:
         for name, result in results.items():
             for k, v in result.pass_at.items():
                 row[f"{name}/pass@{k}"] = v
+            row[f"{name}/no_attempt"] = result.no_attempt_share
         if iteration >= 1:
             row.update(self._epoch_stats())
         row["eval_seconds"] = round(time.time() - t0, 2)
+        row["train_seconds"] = round(self.state.get("train_seconds", 0.0), 1)
         self.state["rows"].append(row)
         self.state["rows"].sort(key=lambda r: r["iteration"])
+        monitor = getattr(trainer, "collapse_monitor", None)
+        if monitor is not None and iteration >= 1 and monitor.check_iterations(
+                self.state["rows"], eval_key=_primary_pass_key(self.state["rows"], list(self.eval_sets))):
+            row["collapse_warning"] = monitor.message
         if _is_main():
             write_results(self.output_dir, self.state["rows"], list(self.eval_sets))
             logger.info("iteration %d: %s", iteration, row)
-        if self.progress and _is_main():
-            print(results_table(self.state["rows"], list(self.eval_sets)), flush=True)
+            # Always, progress bars or not: the line a person reads instead of TRL's metric dicts.
+            print(iteration_summary(row, self.state["rows"], list(self.eval_sets), self.study.iterations),
+                  flush=True)
+        self.training_clock = time.time()
         return row
+
+    def count_training_time(self) -> None:
+        """Add the wall time since the last evaluation (or the start of training) to ``state["train_seconds"]``:
+        training time with evaluations left out, kept across resumes; a time-to-accuracy curve's x axis."""
+        now = time.time()
+        if self.training_clock is not None:
+            self.state["train_seconds"] = self.state.get("train_seconds", 0.0) + now - self.training_clock
+        self.training_clock = now
 
     def _epoch_stats(self) -> dict:
         """The trainer's statistics of the epoch just finished (global over ranks), under the row's names."""
         trainer = self.trainer
         stats = trainer.spark_stats_history[-1] if trainer.spark_stats_history else trainer.spark_stats
         # "kl" is the reference card's GRPO KL: the mean over sequences of each sequence's mean per-token KL.
-        names = {"train_pass_rate": "train_pass_rate", "mean_kl_per_sequence": "kl", "mean_kl": "kl_token_weighted",
-                 "mean_completion_tokens": "completion_tokens",
+        names = {"train_pass_rate": "train_pass_rate", "no_attempt_share": "no_attempt", "mean_kl_per_sequence": "kl",
+                 "mean_kl": "kl_token_weighted", "mean_completion_tokens": "completion_tokens",
                  "mean_group_size": "mean_group_size", "group_sizes": "group_sizes", "mean_reward": "reward",
                  "frac_groups_topped_up": "frac_groups_topped_up", "rollouts": "train_rollouts",
                  "aux_mean_loss": "aux_loss", "aux_examples": "aux_examples"}
@@ -675,7 +774,7 @@ class StudyRunner:
             return {"status": "interrupted", "exit_code": 128 + sig, "rows": self.state["rows"]}
         self.finish()
         return {"status": "complete", "exit_code": 0, "rows": self.state["rows"],
-                "best_iteration": best_iteration(self.state["rows"])}
+                "best_iteration": best_iteration(self.state["rows"]), "benchmarks": list(self.eval_sets)}
 
     def _install_signal_handlers(self) -> dict:
         import threading
@@ -728,7 +827,7 @@ class StudyRunner:
                     "train_problems": len(self.train_problems or []), "iterations": self.study.iterations}
         settings.update({k: getattr(a, k) for k in keys if hasattr(a, k)})
         study = asdict(self.study)
-        settings.update({k: study[k] for k in ("syntax_penalty", "runtime_penalty", "timeout_penalty",
+        settings.update({k: study[k] for k in ("reward_mode", "syntax_penalty", "runtime_penalty", "timeout_penalty",
                                                "wrong_answer_floor", "eval_n_samples", "eval_temperature",
                                                "eval_top_p", "eval_max_new_tokens")})
         return settings
@@ -758,6 +857,21 @@ class StudyRunner:
                 os.replace(tmp, dst)
             write_results(out, rows, benchmarks)
         _barrier()
+
+
+class _BarsOnly(ProgressCallback):
+    """transformers' progress bars without the metric dict it prints at every log: the runner prints one
+    summary line per iteration instead; every metric still reaches ``report_to`` and ``state.log_history``."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return control
+
+
+def _bars_without_metric_dicts(trainer) -> None:
+    trainer.remove_callback(PrinterCallback)  # what transformers prints with when progress bars are off
+    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_BarsOnly())
 
 
 def run_study(study: StudyArguments, training_args, model_args, train_problems=None, eval_sets=None, model=None,
@@ -801,7 +915,7 @@ STUDY_DEFAULTS: dict[str, Any] = dict(
     min_generations=4, max_generations=8, generation_increment=2,
     temperature=1.0, top_p=0.98, max_completion_length=512,
     loss_type="spark", gradient_checkpointing=True, rollout_engine="auto",
-    syntax_penalty=-0.2, runtime_penalty=-0.1, timeout_penalty=-0.3, wrong_answer_floor=0.0,
+    reward_mode="study", syntax_penalty=-0.2, runtime_penalty=-0.1, timeout_penalty=-0.3, wrong_answer_floor=0.0,
     seed=42, report_to="none",
 )
 
@@ -851,6 +965,8 @@ def recipe_main(recipe: dict[str, Any], argv: Sequence[str] | None = None) -> in
     except (StudyError, ModelLoadError, DataError) as exc:  # bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result.get("benchmarks") and _is_main():
+        print("\n" + results_table(result["rows"], result["benchmarks"]), flush=True)
     return result["exit_code"]
 
 

@@ -77,8 +77,8 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
 
     Example:
     ```python
-    >>> convert_gguf(find_gguf(), "/tmp/smollm2")  # doctest: +SKIP
-    PosixPath('/tmp/smollm2')
+    >>> convert_gguf(find_gguf(), "models/smollm2")  # doctest: +SKIP
+    PosixPath('models/smollm2')
     ```
     """
     _check_gguf_reader()

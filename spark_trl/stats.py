@@ -27,6 +27,7 @@ class SparkStats:
     rollouts: int = 0  # completions generated (all rounds)
     rollouts_with_outcome: int = 0  # completions whose reward function reported an ExecutionOutcome
     rollouts_passed: int = 0  # ... of which passed every test
+    rollouts_no_attempt: int = 0  # ... of which made no attempt (a stub; ExecutionOutcome.no_attempt)
     completion_tokens: int = 0
     reward_sum: float = 0.0
     reward_count: int = 0
@@ -54,6 +55,7 @@ class SparkStats:
 
         return {
             "train_pass_rate": ratio(self.rollouts_passed, self.rollouts_with_outcome),
+            "no_attempt_share": ratio(self.rollouts_no_attempt, self.rollouts_with_outcome),
             "mean_kl": ratio(self.kl_sum, self.kl_tokens),
             "mean_kl_per_sequence": ratio(self.kl_seq_sum, self.kl_seqs),
             "mean_completion_tokens": ratio(self.completion_tokens, self.rollouts),
@@ -90,6 +92,7 @@ class RolloutFigures:
     in_loss: int = 0  # sequences that enter the loss
     passed: int = 0  # completions whose ExecutionOutcome passed every test
     judged: int = 0  # completions with an ExecutionOutcome
+    no_attempt: int = 0  # ... that make no attempt at the problem (ExecutionOutcome.no_attempt)
     reward_sum: float = 0.0
     reward_sq_sum: float = 0.0
     reward_count: int = 0  # completions with a finite reward
@@ -115,6 +118,7 @@ class RolloutFigures:
         stats.rollouts += self.completions
         stats.rollouts_with_outcome += self.judged
         stats.rollouts_passed += self.passed
+        stats.rollouts_no_attempt += self.no_attempt
         stats.completion_tokens += self.completion_tokens
         stats.reward_sum += self.reward_sum
         stats.reward_count += self.reward_count
@@ -139,6 +143,7 @@ class RolloutFigures:
         m["spark/frac_sequences_in_loss"].append(self.in_loss / n)
         if self.judged:
             m["spark/train_pass_rate"].append(self.passed / self.judged)
+            m["spark/no_attempt_share"].append(self.no_attempt / self.judged)
         count = self.reward_count
         mean = self.reward_sum / max(count, 1)
         m["reward"].append(mean)

@@ -39,8 +39,9 @@ from .batching import (build_tensors, deal_in_order, deal_round_robin, pad_layou
                        split_micro_batches)
 from .collectives import Ranks
 from .configs import SparkGRPOConfig, check_group_sizes
-from .groups import GroupGrower, GrownGroups, outcomes_of
+from .groups import GroupGrower, GrownGroups, ReportsOutcomes, outcomes_of
 from .grpo_math import clip_sums, group_advantages, in_loss, kl_sums, spark_policy_loss
+from .monitor import CollapseMonitor
 from .recycling import AuxiliaryObjective, RecyclingObjective, Rollout
 from .sampling import CoveringRepeatSampler, epoch_order
 from .stats import ExtraColumns, RolloutFigures, SparkStats
@@ -143,10 +144,15 @@ class SparkGRPOTrainer(GRPOTrainer):
         self._validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory)
 
         self._spark_callback = _SparkCallback()
+        # On by default: a reward that rises while the pass rate falls is the failure GRPO hides best.
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        mode = next((getattr(f, "mode", None) for f in funcs if isinstance(f, ReportsOutcomes)), None)
+        self.collapse_monitor = CollapseMonitor(window=args.collapse_window or 0, reward_mode=mode)
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          reward_processing_classes=reward_processing_classes,
-                         callbacks=[self._spark_callback] + list(callbacks or []), optimizers=optimizers,
+                         callbacks=[self._spark_callback, self.collapse_monitor] + list(callbacks or []),
+                         optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config, tools=tools,
                          rollout_func=rollout_func, environment_factory=environment_factory)
         self._spark_callback.trainer = self
@@ -525,7 +531,8 @@ class SparkGRPOTrainer(GRPOTrainer):
             groups=len(grown.rows), completions=len(grown), topped_up=sum(s > args.min_generations for s in grown.sizes),
             without_variance=int(scored.no_variance.sum()), completion_tokens=sum(lengths),
             generated_tokens=grown.generated_tokens, tokens_saved=saved, in_loss=int(scored.keep.sum()),
-            passed=sum(o.all_passed for o in judged), judged=len(judged), reward_sum=float(rewards[finite].sum()),
+            passed=sum(o.all_passed for o in judged), judged=len(judged),
+            no_attempt=sum(o.no_attempt for o in judged), reward_sum=float(rewards[finite].sum()),
             reward_sq_sum=float((rewards[finite] ** 2).sum()), reward_count=int(finite.sum()),
             truncated=sum(1 for c in grown.completion_ids if not c or c[-1] not in eos_and_pad),
             prompt_tokens=sum(len(p) for p in grown.prompt_ids), per_func=per_func,

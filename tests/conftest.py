@@ -1,4 +1,8 @@
-"""Shared fixtures: the tiny offline model and the real data files. No test needs the hub."""
+"""Shared fixtures: the tiny offline model and the real data files. No test needs the hub.
+
+MBPP-sanitized ships with the tests (``tests/data/``, CC BY 4.0, see its README); ``SPARK_TRL_MBPP`` set in the
+environment overrides it. Either way the variable is exported, so that commands the tests start read the same file.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-MBPP_PATH = Path(os.environ.get("SPARK_TRL_MBPP", REPO.parent / "shared" / "data" / "sanitized-mbpp.json"))
+SHIPPED_MBPP = REPO / "tests" / "data" / "sanitized-mbpp.json"
+MBPP_PATH = Path(os.environ.get("SPARK_TRL_MBPP") or SHIPPED_MBPP)
+os.environ["SPARK_TRL_MBPP"] = str(MBPP_PATH)
+
+
+def pytest_configure(config):
+    # spark-trl installs its warning filters when imported; pytest imports it inside collection's own
+    # catch_warnings, which drops them again. Installed here, before collection, they hold for every test.
+    from spark_trl import _quiet
+
+    _quiet.install()
 
 
 @pytest.fixture(scope="session")
 def mbpp_path() -> Path:
     if not MBPP_PATH.is_file():
-        pytest.fail(f"MBPP-sanitized not found at {MBPP_PATH}; set SPARK_TRL_MBPP")
+        pytest.fail(f"MBPP-sanitized not found at {MBPP_PATH} (SPARK_TRL_MBPP names a missing file, or "
+                    f"tests/data/ is incomplete)")
     return MBPP_PATH
 
 

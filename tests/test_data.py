@@ -1,8 +1,11 @@
 """MBPP / HumanEval loading, the study's split, problem records and the TRL dataset."""
 
 import gzip
+import hashlib
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,16 @@ def test_mbpp_loads_all_427(mbpp_problems):
     p = next(p for p in mbpp_problems if p.number == 2)
     assert p.task_id == "Mbpp/2" and p.entry_point == "similar_elements" and len(p.tests) == 3
     assert p.prompt.startswith(INSTRUCTION + "\n\ndef similar_elements(test_tup1, test_tup2):\n    \"\"\"")
+
+
+def test_shipped_mbpp_is_the_published_file_with_its_licence():
+    """The copy in tests/data is google-research's file, byte for byte, and says where it comes from and under
+    which licence (CC BY 4.0 asks for attribution)."""
+    data = Path(__file__).parent / "data"
+    readme = (data / "README.md").read_text()
+    digest = re.search(r"sha256: `([0-9a-f]{64})`", readme).group(1)
+    assert hashlib.sha256((data / "sanitized-mbpp.json").read_bytes()).hexdigest() == digest
+    assert "CC BY 4.0" in readme and "Austin" in readme and "arXiv:2108.07732" in readme
 
 
 def test_split_reproduces_shipped_ids_and_study_sizes(mbpp_problems):
@@ -82,8 +95,8 @@ def test_grpo_dataset_columns(mbpp_problems):
     assert ds[0]["prompt"][1]["role"] == "user" and ds[0]["tests"] == list(mbpp_problems[0].tests)
 
 
-def test_local_jsonl_and_gz_and_benchmark_names(tmp_path, mbpp_problems, humaneval_problems):
-    rows = json.load(open(__import__("os").environ.get("SPARK_TRL_MBPP", "../shared/data/sanitized-mbpp.json")))
+def test_local_jsonl_and_gz_and_benchmark_names(tmp_path, mbpp_path, mbpp_problems, humaneval_problems):
+    rows = json.loads(mbpp_path.read_text())
     jl = tmp_path / "m.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in rows[:5]))
     assert [p.task_id for p in load_mbpp(jl)] == [p.task_id for p in mbpp_problems[:5]]

@@ -56,7 +56,7 @@ def _fenced(code: str) -> str:
 
 
 def test_reference_solutions_score_one_through_execution_reward(builtin):
-    # The dataset columns the trainer passes (tests, test_setup, entry_point), the real sandbox, the study's rule.
+    # The dataset columns the trainer passes (tests, test_setup, entry_point), the real sandbox, the demo's reward.
     from spark_trl.data import to_grpo_dataset
     from spark_trl.reward import ExecutionReward
 
@@ -73,8 +73,12 @@ def test_reference_solutions_score_one_through_execution_reward(builtin):
         wrong_scores = reward(completions=wrong, tests=ds["tests"], test_setup=ds["test_setup"],
                               entry_point=ds["entry_point"], task_id=ds["task_id"])
         assert [p.task_id for p, s in zip(problems, wrong_scores) if s >= 1.0] == []
-        # Not valid Python: the study's syntax penalty.
-        assert reward(completions=["def broken(:"], tests=[list(problems[0].tests)]) == [-0.2]
+        # A stub earns nothing, and a syntax error nothing either: never below doing nothing.
+        stubs = [_fenced(f"{p.meta['signature']}\n    \"\"\"{p.text}\"\"\"") for p in problems]
+        assert reward(completions=stubs, tests=ds["tests"], test_setup=ds["test_setup"],
+                      entry_point=ds["entry_point"], task_id=ds["task_id"]) == [0.0] * len(problems)
+        assert all(o.no_attempt for o in reward.last_outcomes)
+        assert reward(completions=["def broken(:"], tests=[list(problems[0].tests)]) == [0.0]
     finally:
         reward.close()
 

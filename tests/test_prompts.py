@@ -62,3 +62,16 @@ def test_extract_does_not_repair_a_trailing_broken_def():
     code = extract_code(completion, "f")
     with pytest.raises(SyntaxError):
         compile(code, "<c>", "exec")
+
+
+def test_extract_unfenced_program_before_a_stray_closing_fence():
+    # SmolLM2's habit when told "no markdown": the program, a closing fence, then an example in a fence.
+    completion = ('def triple(n):\n    """Return three times a number."""\n    return n * 3\n```\n\n'
+                  "Your code should pass the following assertion:\n```python\nassert triple(5) == 15\n```")
+    assert extract_code(completion, "triple") == 'def triple(n):\n    """Return three times a number."""\n    return n * 3'
+    # A fenced block that defines the entry point still wins over text before it.
+    fenced = "def triple(n):\n    return 0\n```python\ndef triple(n):\n    return 3 * n\n```"
+    assert extract_code(fenced, "triple") == "def triple(n):\n    return 3 * n"
+    # Prose before a fence is not a program.
+    prose = "Here is triple:\n```text\nno code\n```"
+    assert "Here is" not in extract_code(prose + "\n```python\ndef triple(n):\n    return n * 3\n```", "triple")

@@ -1,5 +1,6 @@
 """ExecutionReward on real data: every MBPP reference and HumanEval canonical solution scores 1.0, broken
-versions score the study's exact values with the right class, and TRL's calling convention works."""
+versions score the study's exact values with the right class, the progress and binary modes pay nothing for
+doing nothing, no-attempt detection, and TRL's calling convention works."""
 
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ def ex():
 
 @pytest.fixture(scope="module")
 def reward(ex):
-    return ExecutionReward(executor=ex)
+    return ExecutionReward(mode="study", executor=ex)
+
+
+@pytest.fixture(scope="module")
+def progress(ex):
+    return ExecutionReward(executor=ex)  # the default mode
 
 
 def _outcome(*statuses: Status) -> ExecutionOutcome:
@@ -45,11 +51,12 @@ P, W, R, T, S = Status.PASSED, Status.WRONG_ANSWER, Status.RUNTIME_ERROR, Status
     ((P, P, P, T), 0.75 - 0.3),
 ])
 def test_study_scoring_rule(statuses, expected):
-    assert ExecutionReward().score(_outcome(*statuses)) == pytest.approx(expected)
+    assert ExecutionReward(mode="study").score(_outcome(*statuses)) == pytest.approx(expected)
 
 
 def test_scoring_constants_are_arguments():
-    r = ExecutionReward(syntax_penalty=-1, runtime_penalty=-0.5, timeout_penalty=-0.7, wrong_answer_floor=0.1)
+    r = ExecutionReward(mode="study", syntax_penalty=-1, runtime_penalty=-0.5, timeout_penalty=-0.7,
+                        wrong_answer_floor=0.1)
     assert r.score(_outcome(S)) == -1
     assert r.score(_outcome(P, R)) == pytest.approx(0.0)
     assert r.score(_outcome(R, R)) == -0.5
@@ -119,7 +126,7 @@ def test_wrong_answers_and_partial_credit(reward, mbpp_problems):
 
 def test_infinite_loops_time_out_with_the_study_value(ex, mbpp_problems):
     problems = mbpp_problems[:3]
-    fast = ExecutionReward(executor=ex, timeout=0.5)
+    fast = ExecutionReward(mode="study", executor=ex, timeout=0.5)
     loops = [f"{p.reference}\n\ndef {p.entry_point}(*args, **kwargs):\n    while True:\n        pass\n"
              for p in problems]
     assert fast(completions=[_fenced(c) for c in loops], **_rows(problems)) == [-0.3] * 3
@@ -159,3 +166,139 @@ def test_trl_calling_convention_and_logging(reward, mbpp_problems):
     outcomes = reward.run([mbpp_problems[0].reference], [list(mbpp_problems[0].tests)],
                           [mbpp_problems[0].test_setup])
     assert outcomes[0].all_passed and not isinstance(outcomes[0], float)
+
+
+# ------------------------------------------------------------------------------------ progress / binary modes
+
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 0) == 0", "assert add(5, 0) == 5"]
+
+
+@pytest.mark.parametrize("statuses, expected", [
+    ((P, P, P), 1.0), ((S, S, S), 0.0), ((W, W, W), 0.0), ((P, P, W), 2 / 3), ((P, W, R), 1 / 3),
+    ((P, P, R), 2 / 3), ((R, R, R), 0.0), ((P, T, W), 1 / 3), ((T, T, T), 0.0),
+])
+def test_progress_rule_without_stub_information_never_goes_below_zero(statuses, expected):
+    assert ExecutionReward().score(_outcome(*statuses)) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("statuses", [(P, P, P), (S, S), (W, P), (R, P, P), (T, T), (P, P, T)])
+def test_binary_rule(statuses):
+    expected = 1.0 if all(s is P for s in statuses) else 0.0
+    assert ExecutionReward(mode="binary").score(_outcome(*statuses)) == expected
+
+
+def test_progress_credits_only_tests_that_no_stub_passes(progress):
+    # add(0, 0) == 0 is passed by `return 0`, add(5, 0) == 5 by `return args[0]`: only the first two count.
+    assert progress.uninformative_tests(ADD_TESTS, entry_point="add") == (False, False, True, True)
+    programs = {
+        "def add(a, b):\n    return a + b": 1.0,  # all pass
+        "def add(a, b):\n    return a * b": 1 / 4,  # passes add(2, 2) (earned) and add(0, 0) (not earned)
+        "def add(a, b):\n    return a": 0.0,  # passes add(0, 0) and add(5, 0): both uninformative
+        'def add(a, b):\n    """Add two numbers."""': 0.0,  # the docstring-only stub
+        "def add(a, b):\n    pass": 0.0,
+        "def add(a, b):\n    return 0": 0.0,
+        "def add(a, b):\n    return a +": 0.0,  # a syntax error: no penalty below the stub
+        "def add(a, b):\n    if a == 1:\n        return 3\n    raise ValueError": 1 / 4,  # partial, then raises
+        "def add(a, b):\n    if a == 1:\n        return 3\n    while True:\n        pass": 1 / 4,  # then times out
+    }
+    fast = ExecutionReward(executor=progress.executor, timeout=1.0)
+    scores = fast(completions=[_fenced(c) for c in programs], tests=ADD_TESTS, entry_point="add")
+    assert scores == [pytest.approx(v) for v in programs.values()]
+    assert min(scores) >= 0.0  # trying is never worse than doing nothing
+
+
+def test_truncated_completion_scores_like_a_stub_in_progress_mode_and_below_it_in_the_study(ex, progress):
+    # Cut by the token limit inside the function body: an unterminated fence and a half statement.
+    truncated = "```python\ndef add(a, b):\n    result = a + (b"
+    stub = "```python\ndef add(a, b):\n    \"\"\"Add.\"\"\"\n```"
+    study = ExecutionReward(mode="study", executor=ex)
+    assert progress(completions=[truncated, stub], tests=ADD_TESTS, entry_point="add") == [0.0, 0.0]
+    assert [o.no_attempt for o in progress.last_outcomes] == [False, True]
+    assert study(completions=[truncated, stub], tests=ADD_TESTS, entry_point="add") == [-0.2, 0.0]  # the trap
+
+
+def test_progress_mode_stubs_without_an_entry_point_column(progress):
+    # Plain TRL datasets may have no entry_point: the stubs define every function the tests call.
+    tests = ["assert is_odd(3) == True", "assert is_odd(4) == False", "assert is_odd(7) == True"]
+    assert progress.uninformative_tests(tests) == (True, True, True)  # `return True` / `return False` pass them
+    good = "def is_odd(n):\n    return n % 2 == 1"
+    half = "def is_odd(n):\n    return n == 3"
+    assert progress(completions=[good, half], tests=tests) == [1.0, 0.0]
+    # Names the setup defines or builtins are not stubbed.
+    assert progress.uninformative_tests(["assert helper(sorted([2, 1])) == [1, 2]"],
+                                        "def helper(x):\n    return x") == (False,)
+
+
+def test_progress_mode_on_mbpp_references_and_uninformative_share(progress, mbpp_problems):
+    problems = mbpp_problems[:40]
+    scores = progress(completions=[_fenced(p.reference) for p in problems], **_rows(problems))
+    assert scores == [1.0] * len(problems)
+    flags = [progress.uninformative_tests(p.tests, p.test_setup, p.entry_point) for p in problems]
+    # Some MBPP tests are passed by a constant (`== False`, `== 0`), most are not.
+    share = sum(map(sum, flags)) / sum(map(len, flags))
+    assert 0.0 < share < 0.5
+
+
+def test_progress_mode_caches_stub_results_per_problem(ex):
+    reward = ExecutionReward(executor=ex)
+    reward(completions=["def add(a, b):\n    return a"] * 3, tests=ADD_TESTS, entry_point="add")
+    assert len(reward._uninformative) == 1
+    reward(completions=["def add(a, b):\n    return b"], tests=ADD_TESTS, entry_point="add")
+    assert len(reward._uninformative) == 1
+
+
+def test_mode_and_penalties_are_checked():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ExecutionReward(mode="lenient")
+    with pytest.raises(ValueError, match="takes no penalties"):
+        ExecutionReward(mode="progress", syntax_penalty=-0.5)
+    assert ExecutionReward(mode="study").syntax_penalty == -0.2
+    assert ExecutionReward(mode="binary", syntax_penalty=0.0).mode == "binary"  # zero is no penalty
+
+
+# ------------------------------------------------------------------------------------ no attempt
+
+@pytest.mark.parametrize("code, entry, expected", [
+    ('def f(x):\n    """Do it."""', "f", True),
+    ("def f(x):\n    pass", "f", True),
+    ("def f(x):\n    ...", "f", True),
+    ('def f(x):\n    """Doc."""\n    return None', "f", True),
+    ("def f(x):\n    return []", "f", True),
+    ("def f(x):\n    raise NotImplementedError('todo')", "f", True),
+    ("", "f", True),
+    ("import math", "f", True),  # never defines f
+    ("I am sorry, I cannot write this function.", "f", True),  # prose, never names f
+    ("def g(x):\n    return x + 1", "f", True),  # another function
+    ("def f(x):\n    return x + 1", "f", False),
+    ("def f(x):\n    return x", "f", False),  # identity: a (weak) attempt
+    ("def f(x):\n    return x +", "f", False),  # truncated: a failed attempt
+    ("def f(x):\n    return x + 1\n\ndef f(x):\n    pass", "f", True),  # the last definition is the one tested
+    ("def f(x):\n    pass\n\ndef f(x):\n    return x * 2", "f", False),
+    ("f = lambda x: x * 2", "f", False),
+    ("class f:\n    pass", "f", False),
+    ("from math import factorial as f", "f", False),
+    ('def f(x):\n    """Doc."""', None, True),
+    ("def f(x):\n    return x * 2", None, False),
+    ("x = 1", None, False),
+])
+def test_is_no_attempt(code, entry, expected):
+    from spark_trl.reward import is_no_attempt
+
+    assert is_no_attempt(code, entry) is expected
+
+
+def test_is_no_attempt_is_bounded_on_hostile_text():
+    from spark_trl.reward import is_no_attempt
+
+    assert is_no_attempt("x = " + "1-" * 200_000 + "1", "f") is False  # too long: not analysed
+    assert is_no_attempt("x = " + "(" * 5000 + ")" * 5000, "f") in (True, False)  # no exception escapes
+    assert is_no_attempt("def f(x):\n    return " + "-" * 20_000 + "x", "f") is False
+
+
+def test_no_attempt_is_logged(progress):
+    metrics = {}
+    progress(completions=['def add(a, b):\n    """Add."""', "def add(a, b):\n    return a + b"], tests=ADD_TESTS,
+             entry_point="add", log_metric=lambda k, v: metrics.setdefault(k, v))
+    assert metrics["execution/no_attempt"] == 0.5
+    assert [o.no_attempt for o in progress.last_outcomes] == [True, False]
+    assert progress.last_outcomes[0].to_dict()["no_attempt"] is True

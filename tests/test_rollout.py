@@ -123,7 +123,7 @@ def test_sampled_frequencies_match_the_warped_distribution(path):
 def test_sampling_params_read_trl_config_and_reject_bad_values():
     from trl import GRPOConfig
 
-    cfg = GRPOConfig(output_dir="/tmp/unused", bf16=False, use_cpu=True, temperature=0.7, top_p=0.9, max_completion_length=33,
+    cfg = GRPOConfig(output_dir="unused", bf16=False, use_cpu=True, temperature=0.7, top_p=0.9, max_completion_length=33,
                      generation_kwargs={"top_k": 20})
     p = SamplingParams.from_args(cfg, eos_token_ids=[5], pad_token_id=0)
     assert (p.temperature, p.top_p, p.top_k, p.max_new_tokens, p.eos_token_ids) == (0.7, 0.9, 20, 33, [5])

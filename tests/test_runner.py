@@ -105,8 +105,9 @@ def _adapter(path: Path) -> dict:
 
 def _rows(out: Path) -> list[dict]:
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    for r in rows:
+    for r in rows:  # wall times differ between any two runs
         r.pop("eval_seconds")
+        assert r.pop("train_seconds") >= 0
     return rows
 
 
