@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .recycling import STUDY_CAPS, STUDY_WEIGHTS
+
 ADVANTAGE_STDS = ("population", "sample")
 TOP_UP_MODES = ("rounds", "prefetch")
 SKIP_ZERO_ADVANTAGE = ("group", "sequence", "none")
@@ -149,14 +151,20 @@ class SparkGRPOConfig(GRPOConfig):
             "'joint': the auxiliary loss is added to the GRPO loss at every step."
         },
     )
-    aux_pointwise_weight: float = field(default=0.0, metadata={"help": "Weight of pointwise (judge) examples."})
-    aux_pairwise_weight: float = field(default=0.1, metadata={"help": "Weight of pairwise (A/B) examples."})
-    aux_reflection_weight: float = field(default=1.0, metadata={"help": "Weight of reflection (repair) examples."})
+    # The study's values are spark_trl.recycling.STUDY_WEIGHTS / STUDY_CAPS.
+    aux_pointwise_weight: float = field(default=STUDY_WEIGHTS["pointwise"],
+                                        metadata={"help": "Weight of pointwise (judge) examples."})
+    aux_pairwise_weight: float = field(default=STUDY_WEIGHTS["pairwise"],
+                                       metadata={"help": "Weight of pairwise (A/B) examples."})
+    aux_reflection_weight: float = field(default=STUDY_WEIGHTS["reflection"],
+                                         metadata={"help": "Weight of reflection (repair) examples."})
     aux_max_pointwise: int = field(
-        default=200, metadata={"help": "Cap on pointwise examples per build (an epoch, or a rollout in joint mode), "
-                                       "over all processes."})
-    aux_max_pairwise: int = field(default=200, metadata={"help": "Cap on pairwise examples per build, all processes."})
-    aux_max_reflection: int = field(default=400,
+        default=STUDY_CAPS["pointwise"],
+        metadata={"help": "Cap on pointwise examples per build (an epoch, or a rollout in joint mode), over all "
+                          "processes."})
+    aux_max_pairwise: int = field(default=STUDY_CAPS["pairwise"],
+                                  metadata={"help": "Cap on pairwise examples per build, all processes."})
+    aux_max_reflection: int = field(default=STUDY_CAPS["reflection"],
                                     metadata={"help": "Cap on reflection examples per build, all processes."})
     aux_failing_per_group: int = field(
         default=2,

@@ -45,6 +45,9 @@ from .outcome import ExecutionOutcome
 from .prompts import REVIEWER_SYSTEM_PROMPT, extract_code
 
 KINDS = ("pointwise", "pairwise", "reflection")
+# The study's per-kind loss weights and per-build caps (SparkGRPOConfig's aux_*_weight / aux_max_* defaults).
+STUDY_WEIGHTS = {"pointwise": 0.0, "pairwise": 0.1, "reflection": 1.0}
+STUDY_CAPS = {"pointwise": 200, "pairwise": 200, "reflection": 400}
 
 
 @dataclass
@@ -123,8 +126,8 @@ class RecyclingObjective(AuxiliaryObjective):
                  max_length: int = 1024, error_tail_lines: int = 6, seed: int = 0, failing_per_group: int = 2):
         self.tokenizer = tokenizer
         self.failing_per_group = failing_per_group
-        self.weights = {"pointwise": 0.0, "pairwise": 0.1, "reflection": 1.0, **(weights or {})}
-        self.caps = {"pointwise": 200, "pairwise": 200, "reflection": 400, **(caps or {})}
+        self.weights = {**STUDY_WEIGHTS, **(weights or {})}
+        self.caps = {**STUDY_CAPS, **(caps or {})}
         self.max_length = max_length
         self.error_tail_lines = error_tail_lines
         self.seed = seed
