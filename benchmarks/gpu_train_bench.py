@@ -193,8 +193,8 @@ def run_trainer(kind, path, tok, opts, reward, steps, gens=(8, 8), per_device=8,
     init_s = time.perf_counter() - t0
     if kind == "trl":
         timer.wrap(trainer, "_generate_single_turn", lambda out: sum(len(c) for c in out[0]))
-    elif getattr(trainer, "_engine", None) is not None:
-        timer.wrap(trainer._engine, "generate", lambda out: sum(len(c) for c in out))
+    elif getattr(trainer, "rollout_engine", None) is not None:
+        timer.wrap(trainer.rollout_engine, "generate", lambda out: sum(len(c) for c in out))
     else:
         timer.wrap(trainer, "_generate_single_turn", lambda out: sum(len(c) for c in out[0]))
     trainer.train()
@@ -213,7 +213,7 @@ def run_trainer(kind, path, tok, opts, reward, steps, gens=(8, 8), per_device=8,
     res["completion_tokens_per_step_s"] = round(timer.gen_tokens / max(sum(st), 1e-9), 1)
     if hasattr(trainer, "spark_stats_history") and trainer.spark_stats_history:
         res["spark_stats"] = trainer.spark_stats_history[-1]
-    eng = getattr(trainer, "_engine", None)
+    eng = getattr(trainer, "rollout_engine", None)
     if eng is not None:
         res["engine_active"] = eng.active
         res["engine_fallback_reason"] = eng.fallback_reason
@@ -223,7 +223,9 @@ def run_trainer(kind, path, tok, opts, reward, steps, gens=(8, 8), per_device=8,
 
             m = trainer.accelerator.unwrap_model(trainer.model)
             eng.sync_weights(m)
-            prompt_ids = trainer._tokenize_prompts([ds[i]["prompt"] for i in range(8)])[0]
+            from spark_trl.trl_private import tokenize_prompts
+
+            prompt_ids = tokenize_prompts(trainer, [ds[i]["prompt"] for i in range(8)])
             comps = eng.generate([list(p) for p in prompt_ids])
             was = m.training
             m.eval()

@@ -2,7 +2,8 @@
 (spark-code-A-3b-v2, the published adapter).
 
 Settings common to every condition (model, QLoRA, optimizer, rollouts, rewards, seed) are the reference card's,
-in ``spark_trl.runner.STUDY_DEFAULTS``; this file adds the condition's own. Any of them can be overridden:
+in ``spark_trl.recipes.STUDY_DEFAULTS``, the condition's own in ``spark_trl.recipes.RECIPES`` (the one place
+the values live). Any of them can be overridden:
 
     accelerate launch recipes/condition_a_v2.py --output_dir runs/mine --max_train_problems 20
     python recipes/condition_a_v2.py --config recipes/configs/smoke.yaml
@@ -11,14 +12,9 @@ in ``spark_trl.runner.STUDY_DEFAULTS``; this file adds the condition's own. Any 
 
 import sys
 
-from spark_trl.runner import recipe_main
+from spark_trl.recipes import RECIPES, recipe_main
 
-RECIPE = dict(
-    output_dir="runs/condition_a_v2",
-    max_train_problems=311,
-    iterations=6,
-    beta=0.02,  # kl_coeff
-)
+RECIPE = RECIPES["condition_a_v2"]
 
 if __name__ == "__main__":
     sys.exit(recipe_main(RECIPE))

@@ -1,7 +1,8 @@
 """Condition C-reg: GRPO + auxiliary recycling, 200 problems, 3 iterations, aux 0.03, KL 0.02.
 
 Settings common to every condition (model, QLoRA, optimizer, rollouts, rewards, seed) are the reference card's,
-in ``spark_trl.runner.STUDY_DEFAULTS``; this file adds the condition's own. Any of them can be overridden:
+in ``spark_trl.recipes.STUDY_DEFAULTS``, the condition's own in ``spark_trl.recipes.RECIPES`` (the one place
+the values live). Any of them can be overridden:
 
     accelerate launch recipes/condition_c_reg.py --output_dir runs/mine --max_train_problems 20
     python recipes/condition_c_reg.py --config recipes/configs/smoke.yaml
@@ -10,16 +11,9 @@ in ``spark_trl.runner.STUDY_DEFAULTS``; this file adds the condition's own. Any 
 
 import sys
 
-from spark_trl.runner import recipe_main
+from spark_trl.recipes import RECIPES, recipe_main
 
-RECIPE = dict(
-    output_dir="runs/condition_c_reg",
-    max_train_problems=200,
-    iterations=3,
-    beta=0.02,  # kl_coeff
-    aux_objective="recycling",
-    aux_loss_scale=0.03,
-)
+RECIPE = RECIPES["condition_c_reg"]
 
 if __name__ == "__main__":
     sys.exit(recipe_main(RECIPE))

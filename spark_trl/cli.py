@@ -33,7 +33,7 @@ def _split(argv: list[str]) -> int:
 COMMANDS = {
     "split": (__name__, "_split", "show the study's MBPP split"),
     "eval": ("spark_trl.evaluation", "eval_main", "pass@k of a model / adapter on HumanEval and held-out MBPP"),
-    "train": ("spark_trl.runner", "train_main", "run the study (a recipe: --recipe condition_a)"),
+    "train": ("spark_trl.recipes", "train_main", "run the study (a recipe: --recipe condition_a)"),
     "demo": ("spark_trl.demo", "demo_main", "Condition A end to end on a small model and built-in problems (CPU)"),
 }
 

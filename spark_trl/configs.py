@@ -9,12 +9,15 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .recycling import STUDY_CAPS, STUDY_WEIGHTS
+
 ADVANTAGE_STDS = ("population", "sample")
 TOP_UP_MODES = ("rounds", "prefetch")
 SKIP_ZERO_ADVANTAGE = ("group", "sequence", "none")
 AUX_MODES = ("phase", "joint")
 AUX_OBJECTIVES = ("recycling",)
 ROLLOUT_ENGINES = ("trl", "spark", "auto")
+ROLLOUT_SCHEDULES = ("batch", "epoch")
 REF_ADAPTERS = ("disable", "copy")
 # Loss types that SparkGRPOTrainer adds to TRL's.
 SPARK_LOSS_TYPES = ("spark",)
@@ -53,6 +56,11 @@ class SparkGRPOConfig(GRPOConfig):
     Loss: `loss_type="spark"` is the study's objective: per-sequence token mean of the clipped surrogate plus
     `beta` times the k3 KL estimator (no importance-ratio correction of the KL), then the mean over the sequences
     of the optimizer step. Every TRL `loss_type` stays available.
+
+    Optimisation schedule (`rollout_schedule`): `"batch"` is TRL's on-policy schedule, a fresh rollout for every
+    generation batch; `"epoch"` is the study's, rollouts for every problem of the epoch first, then one pass over
+    the sequences in the loss, an optimizer step every `per_device_train_batch_size * gradient_accumulation_steps`
+    of them per process (later steps are off-policy, and the clip acts). See `docs/trainer.md`.
 
     Auxiliary recycling (the study's Condition C): `aux_loss_scale > 0` turns it on (0 = Condition A).
 
@@ -106,6 +114,17 @@ class SparkGRPOConfig(GRPOConfig):
             "'sequence' (also any sequence with |advantage| < advantage_epsilon, the study's rule) or 'none'."
         },
     )
+    rollout_schedule: str = field(
+        default="batch",
+        metadata={
+            "help": "'batch': a fresh rollout for every generation batch (TRL's schedule: the first optimizer step "
+            "over it is exactly on-policy). 'epoch': the study's schedule, rollouts for every problem of the epoch "
+            "with the epoch's starting policy, then one pass over the sequences in the loss in rollout order, one "
+            "optimizer step every per_device_train_batch_size * gradient_accumulation_steps sequences per process "
+            "(num_iterations passes with num_iterations > 1). Generation still runs in chunks of "
+            "per_device_train_batch_size * steps_per_generation completions per process."
+        },
+    )
     ref_adapter: str = field(
         default="disable",
         metadata={
@@ -132,16 +151,32 @@ class SparkGRPOConfig(GRPOConfig):
             "'joint': the auxiliary loss is added to the GRPO loss at every step."
         },
     )
-    aux_pointwise_weight: float = field(default=0.0, metadata={"help": "Weight of pointwise (judge) examples."})
-    aux_pairwise_weight: float = field(default=0.1, metadata={"help": "Weight of pairwise (A/B) examples."})
-    aux_reflection_weight: float = field(default=1.0, metadata={"help": "Weight of reflection (repair) examples."})
-    aux_max_pointwise: int = field(default=200, metadata={"help": "Cap on pointwise examples per epoch."})
-    aux_max_pairwise: int = field(default=200, metadata={"help": "Cap on pairwise examples per epoch."})
-    aux_max_reflection: int = field(default=400, metadata={"help": "Cap on reflection examples per epoch."})
+    # The study's values are spark_trl.recycling.STUDY_WEIGHTS / STUDY_CAPS.
+    aux_pointwise_weight: float = field(default=STUDY_WEIGHTS["pointwise"],
+                                        metadata={"help": "Weight of pointwise (judge) examples."})
+    aux_pairwise_weight: float = field(default=STUDY_WEIGHTS["pairwise"],
+                                       metadata={"help": "Weight of pairwise (A/B) examples."})
+    aux_reflection_weight: float = field(default=STUDY_WEIGHTS["reflection"],
+                                         metadata={"help": "Weight of reflection (repair) examples."})
+    aux_max_pointwise: int = field(
+        default=STUDY_CAPS["pointwise"],
+        metadata={"help": "Cap on pointwise examples per build (an epoch, or a rollout in joint mode), over all "
+                          "processes."})
+    aux_max_pairwise: int = field(default=STUDY_CAPS["pairwise"],
+                                  metadata={"help": "Cap on pairwise examples per build, all processes."})
+    aux_max_reflection: int = field(default=STUDY_CAPS["reflection"],
+                                    metadata={"help": "Cap on reflection examples per build, all processes."})
+    aux_failing_per_group: int = field(
+        default=2,
+        metadata={"help": "Failing rollouts of a group that yield pairwise and reflection examples (the first ones "
+                          "in rollout order; the study: 2)."},
+    )
     aux_max_length: int = field(
         default=1024, metadata={"help": "Token cap of an auxiliary example; the prompt side is truncated."}
     )
-    aux_batch_size: int = field(default=2, metadata={"help": "Micro-batch size of the auxiliary phase."})
+    aux_batch_size: int = field(default=2, metadata={
+        "help": "Examples per auxiliary forward: the phase's micro-batch, or at most this many per micro-step in "
+                "joint mode (the rest of a rollout's examples are left unused and counted)."})
     aux_error_tail_lines: int = field(
         default=6, metadata={"help": "Lines of the error output shown in a reflection example."}
     )
@@ -188,6 +223,18 @@ class SparkGRPOConfig(GRPOConfig):
         if self.rollout_engine == "auto":
             self.rollout_engine = resolve_rollout_engine(self)
         _check_choice("ref_adapter", self.ref_adapter, REF_ADAPTERS)
+        _check_choice("rollout_schedule", self.rollout_schedule, ROLLOUT_SCHEDULES)
+        if self.rollout_schedule == "epoch":
+            if self.max_steps is not None and self.max_steps > 0:
+                raise ValueError(
+                    f"rollout_schedule='epoch' trains whole epochs whose number of optimizer steps depends on the "
+                    f"rollouts: set num_train_epochs, not max_steps ({self.max_steps})")
+            if str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) not in (
+                    "constant", "constant_with_warmup"):
+                raise ValueError(
+                    f"rollout_schedule='epoch' needs lr_scheduler_type 'constant' or 'constant_with_warmup' (got "
+                    f"{self.lr_scheduler_type!r}): the number of optimizer steps is not known in advance, so a decaying "
+                    "schedule would be laid out over an upper bound and never reach its end")
         if self.aux_objective is not None:
             _check_choice("aux_objective", self.aux_objective, AUX_OBJECTIVES)
         if self.aux_loss_scale < 0:
@@ -195,6 +242,8 @@ class SparkGRPOConfig(GRPOConfig):
         for name in ("aux_pointwise_weight", "aux_pairwise_weight", "aux_reflection_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.aux_failing_per_group < 1:
+            raise ValueError(f"aux_failing_per_group must be at least 1, got {self.aux_failing_per_group}")
         if self.collapse_window < 0 or self.collapse_window % 2:
             raise ValueError(f"collapse_window must be an even number of logged steps >= 0, got {self.collapse_window}")
         if self.aux_batch_size < 1:

@@ -6,16 +6,18 @@ An auxiliary objective sees the rollouts of the GRPO pass with their execution o
 class MyObjective(AuxiliaryObjective):
     required_columns = ("reference",)           # dataset columns it reads; checked when the trainer is built
 
-    def build(self, rollouts: list[Rollout]) -> list[AuxExample]:
-        ...                                     # supervised examples from the rollouts; weight 0 = not used
+    def build(self, rollouts: list[Rollout], ranks=None) -> list[AuxExample]:
+        ...                                     # supervised examples from this process's rollouts; weight 0 =
+                                                # not used; `ranks` (spark_trl.collectives.Ranks): for global caps
 
     def loss(self, model, batch: list[AuxExample]) -> torch.Tensor:
         ...                                     # a scalar; the trainer multiplies it by `aux_loss_scale`
 ```
 
 `SparkGRPOTrainer` calls `build` once per epoch (`aux_mode="phase"`: then one auxiliary epoch of micro-batches
-of `aux_batch_size`, with the trainer's optimizer) or once per generation batch (`aux_mode="joint"`: the loss is
-added to the GRPO loss of every micro-step).
+of `aux_batch_size`, with the trainer's optimizer) or once per rollout (`aux_mode="joint"`: a micro-batch of at
+most `aux_batch_size` examples joins the GRPO loss of each micro-step). `build` may take `ranks`: every process
+calls it at the same time, so an objective can make collective decisions (the built-in caps are global).
 
 The built-in `RecyclingObjective` is the study's: from each group of rollouts it builds chat examples under the
 reviewer system prompt:
@@ -23,10 +25,12 @@ reviewer system prompt:
 * pointwise: problem + one solution -> "Correct." / "Incorrect.";
 * pairwise: problem + a failing and a passing solution in random A/B order -> "A." / "B." (the passing one);
 * reflection: problem + a failing solution + the tail of its error output -> a passing solution of the same
-  group, or the problem's reference solution when none passed.
+  group (one, drawn once per group), or the problem's reference solution when none passed, as a ```python block.
 
-Caps 200/200/400 per build, per-type weights (0.0/0.1/1.0 by default: pointwise examples are dropped), the
-cross-entropy on the assistant tokens only, and truncation on the prompt side so that a target is never cut.
+As the study: pairwise and reflection examples come from the first `failing_per_group` (2) failing rollouts of
+each group, in rollout order; caps 200/200/400 per build over all processes together; per-type weights
+(0.0/0.1/1.0 by default: pointwise examples are dropped); the cross-entropy on the assistant tokens only, and
+truncation on the prompt side so that a target is never cut.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ from .outcome import ExecutionOutcome
 from .prompts import REVIEWER_SYSTEM_PROMPT, extract_code
 
 KINDS = ("pointwise", "pairwise", "reflection")
+# The study's per-kind loss weights and per-build caps (SparkGRPOConfig's aux_*_weight / aux_max_* defaults).
+STUDY_WEIGHTS = {"pointwise": 0.0, "pairwise": 0.1, "reflection": 1.0}
+STUDY_CAPS = {"pointwise": 200, "pairwise": 200, "reflection": 400}
 
 
 @dataclass
@@ -91,7 +98,7 @@ class AuxiliaryObjective:
 
     required_columns: tuple[str, ...] = ()
 
-    def build(self, rollouts: list[Rollout]) -> list[AuxExample]:
+    def build(self, rollouts: list[Rollout], ranks=None) -> list[AuxExample]:
         raise NotImplementedError
 
     def loss(self, model, batch: list[AuxExample]) -> torch.Tensor:
@@ -116,10 +123,11 @@ class RecyclingObjective(AuxiliaryObjective):
     required_columns = ("reference",)
 
     def __init__(self, tokenizer, weights: dict[str, float] | None = None, caps: dict[str, int] | None = None,
-                 max_length: int = 1024, error_tail_lines: int = 6, seed: int = 0):
+                 max_length: int = 1024, error_tail_lines: int = 6, seed: int = 0, failing_per_group: int = 2):
         self.tokenizer = tokenizer
-        self.weights = {"pointwise": 0.0, "pairwise": 0.1, "reflection": 1.0, **(weights or {})}
-        self.caps = {"pointwise": 200, "pairwise": 200, "reflection": 400, **(caps or {})}
+        self.failing_per_group = failing_per_group
+        self.weights = {**STUDY_WEIGHTS, **(weights or {})}
+        self.caps = {**STUDY_CAPS, **(caps or {})}
         self.max_length = max_length
         self.error_tail_lines = error_tail_lines
         self.seed = seed
@@ -136,42 +144,47 @@ class RecyclingObjective(AuxiliaryObjective):
             caps={"pointwise": args.aux_max_pointwise, "pairwise": args.aux_max_pairwise,
                   "reflection": args.aux_max_reflection},
             max_length=args.aux_max_length, error_tail_lines=args.aux_error_tail_lines, seed=args.seed,
+            failing_per_group=args.aux_failing_per_group,
         )
 
     # -------------------------------------------------------------------------------------------- examples
 
-    def build(self, rollouts: list[Rollout]) -> list[AuxExample]:
-        """Examples of every kind whose weight is > 0, each kind capped, in a seeded random order per kind."""
+    def build(self, rollouts: list[Rollout], ranks=None) -> list[AuxExample]:
+        """Examples of every kind whose weight is > 0, each kind capped over all processes (a uniform random
+        subset of the candidates of every process), in a seeded random order."""
         rng = random.Random(self.seed * 1_000_003 + self._builds)
+        shared = random.Random(self.seed * 1_000_033 + self._builds)  # the same draws on every process
         self._builds += 1
-        judged = [r for r in rollouts if r.passed is not None]
-        groups: dict[int, list[Rollout]] = {}
-        for r in judged:
-            groups.setdefault(r.group, []).append(r)
-        candidates: dict[str, list[tuple[str, list[dict[str, str]]]]] = {k: [] for k in KINDS}
-        for members in groups.values():
-            passing = [r for r in members if r.passed]
-            failing = [r for r in members if not r.passed]
-            for r in members:
-                candidates["pointwise"].append(self._pointwise(r))
-            for r in failing:
-                if passing:
-                    candidates["pairwise"].append(self._pairwise(r, rng.choice(passing), rng))
-                fix = rng.choice(passing).code if passing else (r.row.get("reference") or "")
-                if fix.strip():
-                    candidates["reflection"].append(self._reflection(r, fix))
+        candidates = self._candidates(rollouts, rng)
         examples = []
         for kind in KINDS:
             weight = float(self.weights.get(kind, 0.0))
             if weight <= 0:
                 continue  # weight-0 examples are dropped, never stepped on
-            pool = candidates[kind]
-            rng.shuffle(pool)
-            for answer_kind, messages in pool[: self.caps.get(kind, len(pool))]:
+            for answer_kind, messages in _global_subset(candidates[kind], self.caps.get(kind), shared, ranks):
                 example = self._tokenize(AuxExample(kind=answer_kind, messages=messages, weight=weight))
                 if example is not None:
                     examples.append(example)
         return examples
+
+    def _candidates(self, rollouts: list[Rollout], rng: random.Random) -> dict[str, list]:
+        """Every example the rollouts allow, per kind, group by group."""
+        groups: dict[int, list[Rollout]] = {}
+        for r in rollouts:
+            if r.passed is not None:
+                groups.setdefault(r.group, []).append(r)
+        candidates: dict[str, list[tuple[str, list[dict[str, str]]]]] = {k: [] for k in KINDS}
+        for members in groups.values():
+            passing = [r for r in members if r.passed]
+            failing = [r for r in members if not r.passed][:self.failing_per_group]  # the first ones, in order
+            candidates["pointwise"] += [self._pointwise(r) for r in members]
+            if passing:
+                candidates["pairwise"] += [self._pairwise(r, rng.choice(passing), rng) for r in failing]
+            if failing:
+                fix = rng.choice(passing).code if passing else (failing[0].row.get("reference") or "")
+                if fix.strip():
+                    candidates["reflection"] += [self._reflection(r, fix) for r in failing]
+        return candidates
 
     def _chat(self, user: str, answer: str) -> list[dict[str, str]]:
         return [{"role": "system", "content": REVIEWER_SYSTEM_PROMPT}, {"role": "user", "content": user},
@@ -196,7 +209,7 @@ class RecyclingObjective(AuxiliaryObjective):
         status = outcome.status.value.replace("_", " ")
         user = (f"Problem:\n{failing.problem}\n\nThis solution fails ({status}):\n```python\n{failing.code}\n```\n\n"
                 f"Error output:\n{tail or '(none)'}\n\nWrite a corrected solution. Return only Python code.")
-        return "reflection", self._chat(user, fix.strip())
+        return "reflection", self._chat(user, f"```python\n{fix.strip()}\n```")
 
     def _tokenize(self, example: AuxExample) -> AuxExample | None:
         tok = self.tokenizer
@@ -247,3 +260,13 @@ class RecyclingObjective(AuxiliaryObjective):
         per_example = (ce * valid).sum(-1) / valid.sum(-1).clamp(min=1.0)
         weights = torch.tensor([e.weight for e in batch], device=device, dtype=per_example.dtype)
         return (per_example * weights).sum() / len(batch)
+
+
+def _global_subset(pool: list, cap: int | None, shared: random.Random, ranks=None) -> list:
+    """This process's share of a uniform random subset of at most `cap` of all processes' candidates (every
+    process draws the same subset of global indices with `shared`), in a random order."""
+    counts = ranks.gather(len(pool)) if ranks is not None and ranks.world > 1 else [len(pool)]
+    offset = sum(counts[:ranks.rank]) if len(counts) > 1 else 0
+    total = sum(counts)
+    chosen = shared.sample(range(total), total if cap is None else min(cap, total))
+    return [pool[i - offset] for i in chosen if offset <= i < offset + len(pool)]

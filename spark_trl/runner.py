@@ -41,15 +41,19 @@ from typing import Any, Sequence
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .checkpoints import STUDY_STATE, barrier, find_resume_checkpoint, is_main_process, save_checkpoint, write_json
 from .evaluation import EvalConfig, evaluate, free_memory, isolated_rng, oom_errors
+from .reward import STUDY_PENALTIES
+from .results import (RESULTS_JSONL, RESULTS_MD, RESULTS_PNG, best_iteration, iteration_summary, model_card,  # noqa: F401
+                      primary_pass_key, results_table, write_results)
 
 logger = logging.getLogger(__name__)
 
-RESULTS_JSONL, RESULTS_MD, RESULTS_PNG = "results.jsonl", "results.md", "results.png"
-STUDY_STATE = "study_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 RUN_CONFIG = "run_config.json"
 EXIT_OOM = 3
 BASE_EVAL_SEED = 10000  # the study's evaluation seed: seed + 10000 + 100 * iteration
+_EVAL = EvalConfig()  # the evaluation protocol's defaults
+_PENALTIES = STUDY_PENALTIES
 
 
 class StudyError(RuntimeError):
@@ -57,7 +61,7 @@ class StudyError(RuntimeError):
 
 
 class StudyOOMError(RuntimeError):
-    """Out of memory in a training step even after freeing memory and retrying."""
+    """Out of memory in a training step even after freeing memory and retrying (spark_trl.study_trainer)."""
 
 
 @dataclass
@@ -78,26 +82,34 @@ class StudyArguments:
         "help": "Evaluation sets: humaneval, mbpp-heldout, or paths of problem files."})
     eval_limit: int | None = field(default=None, metadata={
         "help": "Evaluate only the first N problems of each set (smoke runs)."})
-    eval_n_samples: int = field(default=5, metadata={"help": "Evaluation samples per problem."})
-    eval_temperature: float = field(default=0.2, metadata={"help": "Evaluation sampling temperature."})
-    eval_top_p: float = field(default=0.95, metadata={"help": "Evaluation nucleus sampling threshold."})
-    eval_max_new_tokens: int = field(default=512, metadata={"help": "Evaluation tokens per sample at most."})
-    eval_batch_size: int = field(default=64, metadata={
+    # The evaluation protocol's values are EvalConfig's (spark_trl.evaluation), the one place they live.
+    eval_n_samples: int = field(default=_EVAL.n_samples, metadata={"help": "Evaluation samples per problem."})
+    eval_temperature: float = field(default=_EVAL.temperature, metadata={"help": "Evaluation sampling temperature."})
+    eval_top_p: float = field(default=_EVAL.top_p, metadata={"help": "Evaluation nucleus sampling threshold."})
+    eval_max_new_tokens: int = field(default=_EVAL.max_new_tokens,
+                                     metadata={"help": "Evaluation tokens per sample at most."})
+    eval_batch_size: int = field(default=_EVAL.batch_size, metadata={
         "help": "Sequences per evaluation generate call at first; halved on out-of-memory."})
     eval_rollout_engine: str = field(default="auto", metadata={
         "help": "Evaluation sampler: 'hf' (transformers generate), 'spark' (the fast engine; the trainer's own when "
                 "it has one, so no second copy of the weights) or 'auto' (spark where the trainer samples with "
                 "it, else hf)."})
+    # The reward (spark_trl.reward.ExecutionReward): every reward setting of a run lives here. The penalties'
+    # values are the study's (spark_trl.reward.STUDY_PENALTIES), used with reward_mode="study".
     reward_mode: str = field(default="progress", metadata={
         "help": "How the execution reward scores a program (spark_trl.reward): 'progress' (credit only for tests a "
                 "do-nothing program fails, never below 0), 'binary' (all tests pass or nothing), or 'study' (the "
                 "study's rule with the penalties below, which the five study recipes use). The study's penalties "
                 "make doing nothing pay better than a failed attempt; a weak model learns to give up under them."})
-    syntax_penalty: float = field(default=-0.2, metadata={"help": "Reward of a program that does not compile."})
-    runtime_penalty: float = field(default=-0.1, metadata={"help": "Reward floor after a runtime error."})
-    timeout_penalty: float = field(default=-0.3, metadata={"help": "Reward floor after a timeout."})
-    wrong_answer_floor: float = field(default=0.0, metadata={"help": "Reward floor after a wrong answer."})
-    exec_timeout: float = field(default=10.0, metadata={"help": "Seconds per test in the sandbox."})
+    syntax_penalty: float = field(default=_PENALTIES["syntax_penalty"],
+                                  metadata={"help": "Reward of a program that does not compile (reward_mode study)."})
+    runtime_penalty: float = field(default=_PENALTIES["runtime_penalty"],
+                                   metadata={"help": "Reward floor after a runtime error (reward_mode study)."})
+    timeout_penalty: float = field(default=_PENALTIES["timeout_penalty"],
+                                   metadata={"help": "Reward floor after a timeout (reward_mode study)."})
+    wrong_answer_floor: float = field(default=_PENALTIES["wrong_answer_floor"],
+                                      metadata={"help": "Reward floor after a wrong answer (reward_mode study)."})
+    exec_timeout: float = field(default=_EVAL.timeout, metadata={"help": "Seconds per test in the sandbox."})
     exec_workers: int | None = field(default=None, metadata={"help": "Sandbox worker processes (default: CPUs)."})
     checkpoint_steps: int = field(default=1, metadata={
         "help": "Write the rolling checkpoint checkpoints/last every N optimizer steps (0: only per iteration)."})
@@ -141,281 +153,6 @@ class StudyArguments:
                           rollout_engine=engine)
 
 
-# --------------------------------------------------------------------------------------------- checkpoints
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def _barrier() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-
-
-def save_checkpoint(trainer, path: str | os.PathLike, study_state: dict, extra=None) -> Path:
-    """Write a complete, resumable checkpoint to ``path`` atomically.
-
-    Mirrors ``transformers.Trainer._save_checkpoint`` (adapter + tokenizer, optimizer, scheduler, scaler, RNG
-    states, trainer state) but into a folder we name, through a temporary folder renamed into place, with the
-    study's own state written last (its presence is the completeness marker).
-    """
-    import torch
-
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    if _is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
-    trainer.save_model(str(tmp))  # adapter (or model) and the tokenizer (processing_class)
-    # Private Trainer methods, reused rather than copied: they know FSDP/DeepSpeed/per-rank layouts.
-    trainer._save_optimizer_and_scheduler(str(tmp))
-    trainer._save_scaler(str(tmp))
-    trainer._save_rng_state(str(tmp))
-    if extra is not None:  # per-rank state of the caller's
-        extra(tmp)
-    _barrier()
-    if _is_main():
-        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
-        torch.save(trainer.args, tmp / "training_args.bin")
-        _write_json(tmp / STUDY_STATE, study_state)
-        old = path.with_name(f".old-{path.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return path
-
-
-def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The most advanced complete checkpoint under ``output_dir/checkpoints`` (a folder holding
-    ``study_state.json``; ``.old-*`` folders are what an interrupted swap left), or None."""
-    root = Path(output_dir) / "checkpoints"
-    best, best_key = None, None
-    for candidate in root.glob("*") if root.is_dir() else []:
-        state_file = candidate / STUDY_STATE
-        if candidate.name.startswith(".tmp-") or not state_file.is_file():
-            continue
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        # Same step: prefer the one holding more evaluated iterations, then an iteration checkpoint.
-        key = (state.get("global_step", -1), len(state.get("rows", [])), candidate.name.startswith("iter"))
-        if best_key is None or key > best_key:
-            best, best_key = candidate, key
-    return best
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------- results
-
-
-def best_iteration(rows: Sequence[dict], primary: str = "humaneval/pass@1",
-                   tie: str = "mbpp-heldout/pass@5") -> int | None:
-    """The trained iteration (>= 1) with the highest ``primary`` score, ties broken by ``tie`` then by the
-    earlier iteration. Falls back to the first eval set's pass@1 when ``primary`` is absent."""
-    trained = [r for r in rows if r["iteration"] >= 1]
-    if not trained:
-        return None
-    if primary not in trained[0]:
-        keys = [k for k in trained[0] if k.endswith("/pass@1")]
-        primary = keys[0] if keys else primary
-    return max(trained, key=lambda r: (r.get(primary) or 0.0, r.get(tie) or 0.0, -r["iteration"]))["iteration"]
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "n/a" if digits else ""
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.1e}"
-    return str(value)
-
-
-def results_table(rows: Sequence[dict], benchmarks: Sequence[str]) -> str:
-    """The per-iteration table in the reference card's format (plus completion tokens and group size), then the
-    mean reward and the share of samples that make no attempt (train rollouts, evaluation samples)."""
-    label = {"humaneval": "HumanEval", "mbpp-heldout": "MBPP-held"}
-    head = ["Iter"]
-    for b in benchmarks:
-        head += [f"{label.get(b, b)} pass@1", f"{label.get(b, b)} pass@5"]
-    head += ["Train pass rate", "GRPO KL", "Mean tokens", "Mean group size", "Mean reward", "No-attempt (train)",
-             "No-attempt (eval)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [str(r["iteration"])]
-        for b in benchmarks:
-            cells += [_fmt(r.get(f"{b}/pass@1")), _fmt(r.get(f"{b}/pass@5"))]
-        trained = r["iteration"] >= 1
-        cells += [_fmt(r.get("train_pass_rate")) if trained else "", _fmt(r.get("kl"), 4) if trained else "",
-                  _fmt(r.get("completion_tokens"), 1) if trained else "",
-                  _fmt(r.get("mean_group_size"), 2) if trained else "", _fmt(r.get("reward")) if trained else "",
-                  _fmt(r.get("no_attempt"), 2) if trained else "", _fmt(_eval_no_attempt(r, benchmarks), 2)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _eval_no_attempt(row: dict, benchmarks: Sequence[str]) -> float | None:
-    values = [row.get(f"{b}/no_attempt") for b in benchmarks]
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _primary_pass_key(rows: Sequence[dict], benchmarks: Sequence[str]) -> str | None:
-    """The held-out set's pass@1 (the one a collapse shows in first), else the first set's."""
-    keys = [f"{b}/pass@1" for b in benchmarks]
-    held = [k for k in keys if "heldout" in k or "held-out" in k]
-    for key in held + keys:
-        if any(r.get(key) is not None for r in rows):
-            return key
-    return None
-
-
-def iteration_summary(row: dict, rows: Sequence[dict], benchmarks: Sequence[str], iterations: int) -> str:
-    """One line per iteration for a person to read: pass@1 per set (and its change since iteration 0), train pass
-    rate, no-attempt share, reward, KL, times; the collapse warning when it fired.
-
-    Example:
-    ```python
-    >>> base = {"iteration": 0, "heldout/pass@1": 0.158, "eval_seconds": 9.0}
-    >>> row = {"iteration": 1, "heldout/pass@1": 0.267, "train_pass_rate": 0.05, "no_attempt": 0.0,
-    ...        "reward": 0.07, "kl": 0.0012, "train_seconds": 61.0, "eval_seconds": 8.0}
-    >>> print(iteration_summary(row, [base, row], ["heldout"], 6))
-    iteration 1/6 | heldout pass@1 0.267 (+0.109) | train pass rate 0.050 | no-attempt 0.00 | reward 0.070 | KL 0.0012 | training 61 s, eval 8 s
-    ```
-    """
-    base = next((r for r in rows if r["iteration"] == 0), {})
-    parts = [f"iteration {row['iteration']}/{iterations}"]
-    for b in benchmarks:
-        value = row.get(f"{b}/pass@1")
-        if value is None:
-            continue
-        delta = value - base[f"{b}/pass@1"] if row["iteration"] and base.get(f"{b}/pass@1") is not None else None
-        parts.append(f"{b} pass@1 {value:.3f}" + (f" ({delta:+.3f})" if delta is not None else ""))
-    if row["iteration"] >= 1:
-        for key, name, digits in (("train_pass_rate", "train pass rate", 3), ("no_attempt", "no-attempt", 2),
-                                  ("reward", "reward", 3), ("kl", "KL", 4)):
-            if row.get(key) is not None:
-                parts.append(f"{name} {_fmt(row[key], digits)}")
-    elif _eval_no_attempt(row, benchmarks) is not None:
-        parts.append(f"no-attempt {_eval_no_attempt(row, benchmarks):.2f}")
-    times = [f"training {row['train_seconds']:.0f} s"] if row["iteration"] and row.get("train_seconds") else []
-    times.append(f"eval {row.get('eval_seconds', 0):.0f} s")
-    parts.append(", ".join(times))
-    line = " | ".join(parts)
-    if row.get("collapse_warning"):
-        line += "\n  WARNING: " + row["collapse_warning"]
-    return line
-
-
-def plot_results(rows: Sequence[dict], benchmarks: Sequence[str], path: str | os.PathLike) -> None:
-    """results.png: pass@1/pass@5 per benchmark over iterations, and the KL to the reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
-    iters = [r["iteration"] for r in rows]
-    for b in benchmarks:
-        for k, style in ((1, "-o"), (5, "--s")):
-            ys = [r.get(f"{b}/pass@{k}") for r in rows]
-            if any(y is not None for y in ys):
-                ax.plot(iters, [y if y is not None else float("nan") for y in ys], style, label=f"{b} pass@{k}")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("score")
-    ax.set_title("Evaluation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    trained = [r for r in rows if r["iteration"] >= 1]
-    ti = [r["iteration"] for r in trained]
-
-    def series(key):
-        return [r.get(key) if r.get(key) is not None else float("nan") for r in trained]
-
-    ax_kl.plot(ti, series("train_pass_rate"), "-s", label="train pass rate")
-    ax_kl.plot(ti, series("no_attempt"), "-^", label="no-attempt share (train)")
-    ax_kl.plot(ti, series("reward"), "-d", label="mean reward")
-    ax_kl2 = ax_kl.twinx()
-    ax_kl2.plot(ti, series("kl"), ":o", color="gray", label="KL to reference (right axis)")
-    ax_kl2.set_ylabel("KL")
-    ax_kl2.legend(fontsize=8, loc="lower right")
-    ax_kl.set_xlabel("iteration")
-    ax_kl.set_title("Training")
-    ax_kl.grid(alpha=0.3)
-    ax_kl.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_results(output_dir: str | os.PathLike, rows: Sequence[dict], benchmarks: Sequence[str]) -> None:
-    """results.jsonl, results.md and results.png from the rows (rewritten whole, so a resumed run ends with
-    the same files as an uninterrupted one)."""
-    out = Path(output_dir)
-    tmp = out / (RESULTS_JSONL + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out / RESULTS_JSONL)
-    (out / RESULTS_MD).write_text(results_table(rows, benchmarks))
-    plot_results(rows, benchmarks, out / RESULTS_PNG)
-
-
-def model_card(rows: Sequence[dict], benchmarks: Sequence[str], settings: dict, iteration: int | None,
-               kind: str) -> str:
-    """The adapter's README.md, filled from the run's results."""
-    row = next((r for r in rows if r["iteration"] == iteration), None)
-    base = settings.get("model_name_or_path")
-    head = f"{kind} adapter" + (f" (iteration {iteration})" if iteration is not None else "")
-    scores = ", ".join(f"{b} pass@1 {_fmt(row.get(f'{b}/pass@1'))}" for b in benchmarks) if row else "n/a"
-    setup = "\n".join(f"- {k}: {v}" for k, v in settings.items())
-    return f"""---
-base_model: {base}
-library_name: peft
-tags: [spark-trl, trl, grpo, code-generation, lora]
----
-
-# {settings.get('run_name') or 'spark-trl'}: {head}
-
-QLoRA adapter trained with execution-grounded GRPO (spark-trl): the reward comes from running the generated
-Python against MBPP unit tests in a sandbox. Evaluated after every iteration on the sets below
-({settings.get('eval_n_samples')} samples per problem, temperature {settings.get('eval_temperature')},
-top_p {settings.get('eval_top_p')}, unbiased pass@k).
-
-This adapter: {scores}.
-
-## Training setup
-
-{setup}
-
-## Evaluation results
-
-{results_table(rows, benchmarks)}
-Train pass rate: share of the iteration's rollouts that passed every test. GRPO KL: mean per-token KL to the
-reference policy on training rollouts. Iteration 0 is the base model.
-
-## Usage
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto", device_map="auto")
-model = PeftModel.from_pretrained(base, "path/to/this/adapter")
-tok = AutoTokenizer.from_pretrained("{base}")
-```
-"""
-
-
 # ---------------------------------------------------------------------------------------------- callback
 
 
@@ -440,7 +177,7 @@ class StudyCallback(TrainerCallback):
     def __init__(self, runner: "StudyRunner"):
         self.runner = runner
         self.stop_signal: int | None = None
-        self._last_saved_step = -1
+        self.last_saved_step = -1
         self._restore_epoch = False
 
     # The rows live in runner.state so that checkpoints carry them.
@@ -460,7 +197,7 @@ class StudyCallback(TrainerCallback):
 
                 for _ in range(epochs_done):
                     torch.randperm(sampler.num_samples, generator=sampler.generator)
-        self._last_saved_step = state.global_step
+        self.last_saved_step = state.global_step
         runner.training_clock = time.time()
         spe = runner.steps_per_epoch(state)
         self._restore_epoch = runner.resumed_from is not None and bool(spe) and state.global_step % spe != 0
@@ -489,7 +226,7 @@ class StudyCallback(TrainerCallback):
         # iter{N}); a checkpoint before those would resume past the epoch end and skip them.
         if not epoch_end and ((every and state.global_step % every == 0) or self.stop_signal is not None):
             self.runner.checkpoint("last", state)
-            self._last_saved_step = state.global_step
+            self.last_saved_step = state.global_step
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -504,7 +241,7 @@ class StudyCallback(TrainerCallback):
         self.runner.evaluate_iteration(iteration, state)
         self.runner.checkpoint(f"iter{iteration}", state)
         self.runner.checkpoint("last", state)
-        self._last_saved_step = state.global_step
+        self.last_saved_step = state.global_step
 
 
 # ------------------------------------------------------------------------------------------------ runner
@@ -543,7 +280,7 @@ class StudyRunner:
             if not study.overwrite:
                 raise StudyError(f"{out} already holds a run's results ({RESULTS_JSONL} or checkpoints/): pass "
                                  "--resume to continue it, --overwrite to delete it, or choose another --output_dir")
-            if _is_main():
+            if is_main_process():
                 for name in ("checkpoints", "final", "best", "eval"):
                     shutil.rmtree(out / name, ignore_errors=True)
                 for name in (RESULTS_JSONL, RESULTS_MD, RESULTS_PNG, RUN_CONFIG):
@@ -579,68 +316,30 @@ class StudyRunner:
     def build_trainer(self, dataset, model=None, tokenizer=None):
         from trl import get_peft_config
 
-        from .models import load_model, load_tokenizer
+        from .models import load_model_from_args, load_tokenizer
         from .reward import ExecutionReward
-        from .trainer import SparkGRPOTrainer
+        from .study_trainer import StudyTrainer
 
         margs, study = self.model_args, self.study
         if tokenizer is None:
-            tokenizer = load_tokenizer(margs.model_name_or_path)
+            tokenizer = load_tokenizer(margs.model_name_or_path, revision=margs.model_revision)
         if model is None:
-            model = load_model(margs.model_name_or_path, load_in_4bit=margs.load_in_4bit, dtype=margs.dtype,
-                               attn_implementation=margs.attn_implementation,
-                               quant_storage=margs.bnb_4bit_quant_storage)
-        reward = ExecutionReward(mode=study.reward_mode, syntax_penalty=study.syntax_penalty, runtime_penalty=study.runtime_penalty,
+            model = load_model_from_args(margs)  # every model option of the recipe (MODEL_CONFIG_FIELDS)
+        reward = ExecutionReward(mode=study.reward_mode, syntax_penalty=study.syntax_penalty,
+                                 runtime_penalty=study.runtime_penalty,
                                  timeout_penalty=study.timeout_penalty, wrong_answer_floor=study.wrong_answer_floor,
                                  timeout=study.exec_timeout)
         args = self.args
         args.num_train_epochs = study.iterations
         args.save_strategy = "no"  # checkpoints are the runner's (named, atomic, with the study's state)
-        self.trainer = SparkGRPOTrainer(model=model, reward_funcs=[reward], args=args,
-                                        train_dataset=dataset, processing_class=tokenizer,
-                                        peft_config=get_peft_config(margs))
+        self.trainer = StudyTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
+                                    processing_class=tokenizer, peft_config=get_peft_config(margs),
+                                    oom_retries=study.oom_retries)
         self.trainer.add_callback(self.callback)
         _bars_without_metric_dicts(self.trainer)
         for callback in self.extra_callbacks:
             self.trainer.add_callback(callback)
-        self._guard_training_step()
         return self.trainer
-
-    def _guard_training_step(self) -> None:
-        """Wrap the trainer's ``training_step`` (HF Trainer's per-micro-batch forward/backward, where TRL also
-        generates) so that an out-of-memory error frees memory and retries the micro-batch from the gradients
-        it started from; after ``oom_retries`` failed retries, ``StudyOOMError``."""
-        trainer, retries = self.trainer, self.study.oom_retries
-        if trainer.accelerator.num_processes > 1 and retries:
-            # A retry on the rank that ran out of memory would repeat collectives (gradient all-reduce, metric
-            # reductions) that the other ranks have already passed: desynchronised, or a hang. With several
-            # processes an OOM goes straight to the emergency checkpoint and the resume command.
-            logger.warning("oom_retries=%d ignored with %d processes: an OOM writes an emergency checkpoint",
-                           retries, trainer.accelerator.num_processes)
-            retries = 0
-        original = trainer.training_step
-
-        def training_step(model, inputs, num_items_in_batch=None):
-            for attempt in range(retries + 1):
-                params = [p for p in model.parameters() if p.requires_grad]
-                saved = [None if p.grad is None else p.grad.detach().clone() for p in params] if retries else None
-                try:
-                    return original(model, inputs, num_items_in_batch)
-                except oom_errors() as exc:
-                    if saved is not None:
-                        for p, g in zip(params, saved):
-                            p.grad = g
-                    free_memory()
-                    shrink = getattr(trainer, "reduce_memory_on_oom", None)  # a smaller batch where supported
-                    if callable(shrink):
-                        shrink()
-                    logger.warning("out of memory in training step %d (attempt %d of %d): %s",
-                                   trainer.state.global_step + 1, attempt + 1, retries + 1, exc)
-                    if attempt == retries:
-                        raise StudyOOMError(f"out of memory in training step {trainer.state.global_step + 1} after "
-                                            f"{retries} retries") from exc
-
-        trainer.training_step = training_step
 
     # ------------------------------------------------------------------------------------- per iteration
 
@@ -677,11 +376,11 @@ class StudyRunner:
         monitor = getattr(trainer, "collapse_monitor", None)
         if monitor is not None and iteration >= 1:
             monitor.check_iterations(self.state["rows"],
-                                     eval_key=_primary_pass_key(self.state["rows"], list(self.eval_sets)))
+                                     eval_key=primary_pass_key(self.state["rows"], list(self.eval_sets)))
             message = monitor.take_message()  # fired now, or during the iteration's steps
             if message:
                 row["collapse_warning"] = message
-        if _is_main():
+        if is_main_process():
             write_results(self.output_dir, self.state["rows"], list(self.eval_sets))
             logger.info("iteration %d: %s", iteration, row)
             # Always, progress bars or not: the line a person reads instead of TRL's metric dicts.
@@ -702,7 +401,9 @@ class StudyRunner:
         """The trainer's statistics of the epoch just finished (global over ranks), under the row's names."""
         trainer = self.trainer
         stats = trainer.spark_stats_history[-1] if trainer.spark_stats_history else trainer.spark_stats
-        names = {"train_pass_rate": "train_pass_rate", "no_attempt_share": "no_attempt", "mean_kl": "kl", "mean_completion_tokens": "completion_tokens",
+        # "kl" is the reference card's GRPO KL: the mean over sequences of each sequence's mean per-token KL.
+        names = {"train_pass_rate": "train_pass_rate", "no_attempt_share": "no_attempt", "mean_kl_per_sequence": "kl",
+                 "mean_kl": "kl_token_weighted", "mean_completion_tokens": "completion_tokens",
                  "mean_group_size": "mean_group_size", "group_sizes": "group_sizes", "mean_reward": "reward",
                  "frac_groups_topped_up": "frac_groups_topped_up", "rollouts": "train_rollouts",
                  "aux_mean_loss": "aux_loss", "aux_examples": "aux_examples"}
@@ -718,9 +419,7 @@ class StudyRunner:
 
         path = self._trainer_epoch_state_file(self.resumed_from)
         if path.is_file():
-            saved = torch.load(path, weights_only=False)
-            for name, value in saved.items():
-                setattr(self.trainer, name, value)
+            self.trainer.load_epoch_state(torch.load(path, weights_only=False))
 
     def checkpoint(self, name: str, state) -> Path:
         study_state = dict(self.state, global_step=state.global_step, name=name, time=time.time())
@@ -730,9 +429,7 @@ class StudyRunner:
     def _save_trainer_epoch_state(self, directory: Path) -> None:
         import torch
 
-        saved = {name: getattr(self.trainer, name) for name in ("_stats", "_epoch_rollouts")
-                 if hasattr(self.trainer, name)}
-        torch.save(saved, self._trainer_epoch_state_file(directory))
+        torch.save(self.trainer.epoch_state(), self._trainer_epoch_state_file(directory))
 
     # -------------------------------------------------------------------------------------------- run
 
@@ -756,8 +453,8 @@ class StudyRunner:
             self.resumed_from = ckpt
             logger.info("resuming from %s (optimizer step %s, %d iterations evaluated)", ckpt, step,
                         len(self.state["rows"]))
-        elif _is_main():
-            _write_json(self.output_dir / RUN_CONFIG, self.settings())
+        elif is_main_process():
+            write_json(self.output_dir / RUN_CONFIG, self.settings())
         self.build_trainer(dataset, model, tokenizer)
         handlers = self._install_signal_handlers()
         try:
@@ -770,9 +467,9 @@ class StudyRunner:
                 signal.signal(sig, handler)
         if self.callback.stop_signal is not None:
             sig = self.callback.stop_signal
-            if self.trainer.state.global_step > self.callback._last_saved_step:
+            if self.trainer.state.global_step > self.callback.last_saved_step:
                 self.checkpoint("last", self.trainer.state)
-            if _is_main():
+            if is_main_process():
                 write_results(self.output_dir, self.state["rows"], list(self.eval_sets))
             print(f"\nstopped by {signal.Signals(sig).name} at step {self.trainer.state.global_step}; checkpoint "
                   f"written. Resume with:\n  {self.resume_command()}", file=sys.stderr, flush=True)
@@ -805,7 +502,7 @@ class StudyRunner:
         spe = self.steps_per_epoch(trainer.state)
         # At an epoch boundary the recycling phase may have been cut short: resume before the epoch's last step.
         mid_epoch = spe and trainer.state.global_step % spe != 0
-        if mid_epoch and trainer.state.global_step > self.callback._last_saved_step:
+        if mid_epoch and trainer.state.global_step > self.callback.last_saved_step:
             try:
                 # Parameters and optimizer are those of the last completed optimizer step: the failed step's
                 # partial gradients are dropped, never applied.
@@ -813,7 +510,7 @@ class StudyRunner:
                 self.checkpoint("last", trainer.state)
             except Exception as exc:  # noqa: BLE001 - the results and the resume hint must still be written
                 logger.error("emergency checkpoint failed: %s", exc)
-        if _is_main():
+        if is_main_process():
             write_results(self.output_dir, self.state["rows"], list(self.eval_sets))
         ckpt = find_resume_checkpoint(self.output_dir)
         print(f"\n{reason}.\nResults so far are in {self.output_dir / RESULTS_JSONL}; "
@@ -843,7 +540,7 @@ class StudyRunner:
         rows, benchmarks = self.state["rows"], list(self.eval_sets)
         trainer.save_model(str(out / "final"))
         best = best_iteration(rows)
-        if _is_main():
+        if is_main_process():
             settings = self.settings()
             last = max(r["iteration"] for r in rows)
             (out / "final" / "README.md").write_text(model_card(rows, benchmarks, settings, last, "Final"))
@@ -861,7 +558,7 @@ class StudyRunner:
                 shutil.rmtree(dst, ignore_errors=True)
                 os.replace(tmp, dst)
             write_results(out, rows, benchmarks)
-        _barrier()
+        barrier()
 
 
 class _BarsOnly(ProgressCallback):
@@ -902,98 +599,6 @@ def run_study(study: StudyArguments, training_args, model_args, train_problems=N
     return runner.run(model=model, tokenizer=tokenizer)
 
 
-# ------------------------------------------------------------------------------------------------ recipes
-
-# The reference card's settings, common to the five recipes. Each recipe adds its own few.
-STUDY_DEFAULTS: dict[str, Any] = dict(
-    model_name_or_path="Qwen/Qwen2.5-Coder-3B-Instruct",
-    dtype="bfloat16",
-    load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
-    use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.05,
-    lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    optim="adamw_torch", learning_rate=5e-6, weight_decay=0.01, lr_scheduler_type="constant", warmup_steps=0,
-    gradient_accumulation_steps=4, per_device_train_batch_size=4, epsilon=0.2, max_grad_norm=1.0,
-    min_generations=4, max_generations=8, generation_increment=2,
-    temperature=1.0, top_p=0.98, max_completion_length=512,
-    loss_type="spark", gradient_checkpointing=True, rollout_engine="auto",
-    reward_mode="study", syntax_penalty=-0.2, runtime_penalty=-0.1, timeout_penalty=-0.3, wrong_answer_floor=0.0,
-    seed=42, report_to="none",
-)
-
-
-def recipe_parser(recipe: dict[str, Any]):
-    """A ``TrlParser`` over (StudyArguments, SparkGRPOConfig, ModelConfig) whose defaults are the card's common
-    settings updated with ``recipe``. A ``--config`` YAML overrides these defaults; flags override both."""
-    from trl import ModelConfig, TrlParser
-
-    from .configs import SparkGRPOConfig
-
-    import torch
-
-    parser = TrlParser((StudyArguments, SparkGRPOConfig, ModelConfig))
-    parser.description = ("Run a SPARK-Code study condition: GRPO iterations with execution rewards, each followed by "
-                          "a HumanEval / held-out MBPP evaluation and a checkpoint.")
-    parser.epilog = ("--config FILE.yaml sets any of these options from a YAML mapping (flags given on the command "
-                     "line win). Resume an interrupted run with the same command plus --resume.")
-    defaults = dict(STUDY_DEFAULTS)
-    if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        # TRL defaults to bf16 mixed precision, which refuses to start on a CPU or a pre-Ampere GPU.
-        defaults["bf16"] = False
-    unknown = parser.set_defaults_with_config(**{**defaults, **recipe})
-    if unknown:
-        raise ValueError(f"recipe sets unknown options: {unknown[::2]}")
-    return parser
-
-
-def parse_recipe(recipe: dict[str, Any], argv: Sequence[str] | None = None):
-    """(StudyArguments, SparkGRPOConfig, ModelConfig) of a recipe, from its defaults, a YAML and the flags."""
-    return recipe_parser(recipe).parse_args_and_config(args=argv)
-
-
-def recipe_main(recipe: dict[str, Any], argv: Sequence[str] | None = None) -> int:
-    """Entry point of a ``recipes/*.py`` script: parse, run the study, return the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        study, training_args, model_args = parse_recipe(recipe, argv)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from .data import DataError
-    from .models import ModelLoadError
-
-    try:
-        result = run_study(study, training_args, model_args)
-    except (StudyError, ModelLoadError, DataError) as exc:  # bad input: a message, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if result.get("benchmarks") and _is_main():
-        print("\n" + results_table(result["rows"], result["benchmarks"]), flush=True)
-    return result["exit_code"]
-
-
-def train_main(argv: list[str] | None = None) -> int:
-    """``spark-trl train``: run a recipe by name (``--recipe condition_a``) or the common defaults."""
-    argv = list(argv or [])
-    recipe: dict[str, Any] = {}
-    if "--recipe" in argv:
-        i = argv.index("--recipe")
-        name = argv[i + 1] if i + 1 < len(argv) else ""
-        del argv[i:i + 2]
-        if name not in RECIPES:
-            print(f"error: unknown recipe {name!r}; choose one of {', '.join(RECIPES)}", file=sys.stderr)
-            return 2
-        recipe = RECIPES[name]
-    return recipe_main(recipe, argv)
-
-
-# The five conditions of the study; recipes/<name>.py runs each. Output dirs default to runs/<name>.
-RECIPES: dict[str, dict[str, Any]] = {
-    "condition_a": dict(output_dir="runs/condition_a", max_train_problems=200, iterations=3, beta=0.01),
-    "condition_a_v2": dict(output_dir="runs/condition_a_v2", max_train_problems=311, iterations=6, beta=0.02),
-    "condition_c_reg": dict(output_dir="runs/condition_c_reg", max_train_problems=200, iterations=3, beta=0.02,
-                            aux_objective="recycling", aux_loss_scale=0.03),
-    "condition_c_light": dict(output_dir="runs/condition_c_light", max_train_problems=200, iterations=3,
-                              beta=0.01, aux_objective="recycling", aux_loss_scale=0.10),
-    "condition_c_reg2": dict(output_dir="runs/condition_c_reg2", max_train_problems=311, iterations=6, beta=0.03,
-                             aux_objective="recycling", aux_loss_scale=0.02, aux_pairwise_weight=0.05),
-}
+# The recipes live in spark_trl.recipes (which imports this module lazily); importable from here as before.
+from .recipes import (RECIPES, STUDY_DEFAULTS, parse_recipe, recipe_main, recipe_parser,  # noqa: E402,F401
+                      train_main)

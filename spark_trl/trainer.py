@@ -1,121 +1,90 @@
-"""`SparkGRPOTrainer`: TRL's `GRPOTrainer` with adaptive group sizes, cached reference log-probs, the study's loss
-and an auxiliary-recycling hook.
+"""`SparkGRPOTrainer`: TRL's `GRPOTrainer` with adaptive group sizes, the study's loss and optimisation schedule, and
+an auxiliary-recycling hook.
 
-What changes with respect to `trl.GRPOTrainer` (every override names the TRL method it replaces):
+How a training micro-step runs, top to bottom (each override names the TRL method it replaces):
 
-* Generation (`_generate_and_score_completions`): `min_generations` completions per prompt, then top-up rounds
-  of `generation_increment` for groups whose rewards have no variance, up to `max_generations`. Groups are
-  whole on each rank; every rank runs the same number of generation rounds with the same number of prompts
-  (padding with throw-away prompts), so collective backends (vLLM server, ZeRO-3, FSDP) stay in lockstep.
-* Sequences left out of the loss (groups without variance, by default) get no reference forward, no old-logp
-  forward, no loss forward and no backward.
-* Rows are rebalanced: every rank gets the same number of rows per micro-step (zero-weight padding rows), and
-  the loss is normalised by the global number of sequences (or tokens) of the generation batch, so gradient
-  accumulation, `steps_per_generation > 1` and several processes all see the same objective and the same number
-  of forward/backward passes (`_prepare_inputs`, `_compute_loss`).
-* The probability ratio is exactly 1 on every micro-step taken before the first optimizer step over a fresh
-  rollout: the old log-probs are the current ones, detached, whatever dropout does (`_compute_loss`).
-* `loss_type="spark"`: the study's loss (see `_spark_loss`).
-* Auxiliary objective (`spark_trl.recycling`), as a phase at the end of each epoch or joint with the GRPO loss.
-* `trainer.spark_stats`: per-epoch figures for a study runner (train pass rate, KL, tokens, group sizes).
+1. `training_step` takes the micro-batch from `_prepare_inputs`; a micro-step with nothing in the loss on any rank
+   runs no forward and no backward, so an optimizer step without a gradient moves no weight.
+2. `_prepare_inputs` serves the micro-batches of the current rollout and makes a new rollout when they are used up:
+   `_generate_and_score_completions` over the generation batch.
+3. `_generate_and_score_completions` = growing groups (`spark_trl.groups`), the math (`spark_trl.grpo_math`:
+   advantages, which sequences enter the loss), the statistics (`spark_trl.stats`), the batch
+   (`spark_trl.batching`: rows balanced over ranks and micro-steps, reference and old log-probs).
+4. `_compute_loss`: the study's loss (`loss_type="spark"`) or TRL's, normalised over the sequences of the
+   rollout, plus the auxiliary loss in joint mode. The auxiliary phase runs at the end of each epoch.
+
+Private names of TRL are reached only through `spark_trl.trl_private`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import inspect
+import logging
 import random
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object, is_peft_model
+from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer import grpo_trainer as _trl_grpo
-from trl.trainer.utils import pad, split_tensor_dict, use_adapter
+from trl.trainer.utils import use_adapter
 
+from . import trl_private
+from .batching import (build_tensors, deal_in_order, deal_round_robin, pad_layout, rows_per_micro_step,
+                       split_micro_batches)
+from .collectives import Ranks
 from .configs import SparkGRPOConfig, check_group_sizes
+from .groups import GroupGrower, GrownGroups, ReportsOutcomes, outcomes_of
+from .grpo_math import clip_sums, group_advantages, in_loss, kl_sums, spark_policy_loss
 from .monitor import CollapseMonitor
-from .outcome import ExecutionOutcome
 from .recycling import AuxiliaryObjective, RecyclingObjective, Rollout
+from .sampling import CoveringRepeatSampler, epoch_order
+from .stats import ExtraColumns, RolloutFigures, SparkStats
+
+__all__ = ["SparkGRPOTrainer", "SparkStats", "group_advantages", "kl_sums", "spark_policy_loss"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SparkStats:
-    """Global (all ranks) figures accumulated over one epoch; what a study runner records per iteration.
+class ScoredRollout:
+    """Grown groups with their rewards, advantages and the sequences that enter the loss."""
 
-    Example:
-    ```python
-    >>> stats = SparkStats()
-    >>> stats.summary()["train_pass_rate"] is None
-    True
-    ```
-    """
+    grown: GrownGroups
+    rewards_per_func: torch.Tensor  # (n, reward functions)
+    rewards: torch.Tensor  # (n,) weighted sum, NaN when unscored
+    advantages: torch.Tensor  # (n,)
+    no_variance: torch.Tensor  # (groups,) bool
+    keep: torch.Tensor  # (n,) bool: in the loss
+    extra_columns: dict[str, list]  # log_extra columns of the reward functions, one value per completion
 
-    rollouts: int = 0  # completions generated (all rounds)
-    rollouts_with_outcome: int = 0  # completions whose reward function reported an ExecutionOutcome
-    rollouts_passed: int = 0  # ... of which passed every test
-    rollouts_no_attempt: int = 0  # ... of which made no attempt (a stub; ExecutionOutcome.no_attempt)
-    completion_tokens: int = 0
-    reward_sum: float = 0.0
-    reward_count: int = 0
-    groups: int = 0
-    groups_topped_up: int = 0
-    groups_without_variance: int = 0
-    group_sizes: Counter = field(default_factory=Counter)
-    sequences_in_loss: int = 0
-    tokens_saved: float = 0.0  # estimated completion tokens not generated versus always max_generations
-    kl_sum: float = 0.0  # token-weighted, over sequences in the loss
-    kl_tokens: int = 0
-    ref_forward_sequences: int = 0  # sequences that went through the reference forward
-    aux_examples: Counter = field(default_factory=Counter)
-    aux_loss_sum: float = 0.0
-    aux_steps: int = 0
-
-    def summary(self) -> dict[str, Any]:
-        def ratio(a, b):
-            return a / b if b else None
-
-        return {
-            "train_pass_rate": ratio(self.rollouts_passed, self.rollouts_with_outcome),
-            "no_attempt_share": ratio(self.rollouts_no_attempt, self.rollouts_with_outcome),
-            "mean_kl": ratio(self.kl_sum, self.kl_tokens),
-            "mean_completion_tokens": ratio(self.completion_tokens, self.rollouts),
-            "mean_reward": ratio(self.reward_sum, self.reward_count),
-            "mean_group_size": ratio(sum(k * v for k, v in self.group_sizes.items()), self.groups),
-            "group_sizes": {int(k): int(v) for k, v in sorted(self.group_sizes.items())},
-            "frac_groups_topped_up": ratio(self.groups_topped_up, self.groups),
-            "frac_groups_without_variance": ratio(self.groups_without_variance, self.groups),
-            "rollouts": self.rollouts,
-            "completion_tokens": self.completion_tokens,
-            "tokens_saved_vs_max_generations": self.tokens_saved,
-            "sequences_in_loss": self.sequences_in_loss,
-            "ref_forward_sequences": self.ref_forward_sequences,
-            "aux_examples": dict(self.aux_examples),
-            "aux_mean_loss": ratio(self.aux_loss_sum, self.aux_steps),
-            "aux_steps": self.aux_steps,
-        }
-
-
-@contextlib.contextmanager
-def _local_rewards():
-    """Score this rank's completions only.
-
-    TRL's `_calculate_rewards` ends with `gather(rewards_per_func)` (a module-level name in
-    `trl.trainer.grpo_trainer`) because its groups may straddle ranks. Here groups are whole on each rank and the
-    top-up rounds score different numbers of completions per rank, which an all-gather cannot take; so the
-    gather is made the identity for the duration of the call and the trainer reduces what it needs itself.
-    """
-    original = _trl_grpo.gather
-    _trl_grpo.gather = lambda tensor: tensor
-    try:
-        yield
-    finally:
-        _trl_grpo.gather = original
+    @staticmethod
+    def concat(parts: list["ScoredRollout"]) -> "ScoredRollout":
+        """Several rollouts as one (the chunks of an epoch's rollout): groups renumbered, columns joined."""
+        grown = GrownGroups(rows=[r for p in parts for r in p.grown.rows])
+        offset = 0
+        for p in parts:
+            g = p.grown
+            grown.group_of += [offset + i for i in g.group_of]
+            grown.prompts += g.prompts
+            grown.prompt_ids += g.prompt_ids
+            grown.completion_ids += g.completion_ids
+            grown.completions += g.completions
+            grown.outcomes += g.outcomes
+            grown.reward_chunks += g.reward_chunks
+            grown.sizes += g.sizes
+            grown.generated_tokens += g.generated_tokens
+            offset += len(g.rows)
+        extra = ExtraColumns()
+        for p in parts:
+            extra.add_round(p.extra_columns, len(p.grown))
+        return ScoredRollout(grown, *(torch.cat([getattr(p, name) for p in parts]) for name in (
+            "rewards_per_func", "rewards", "advantages", "no_variance", "keep")), extra.columns)
 
 
 class _SparkCallback(TrainerCallback):
@@ -127,6 +96,11 @@ class _SparkCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.trainer._begin_epoch()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._pass_done:  # rollout_schedule="epoch": the pass over the epoch's rollouts is over
+            self.trainer._pass_done = False
+            control.should_epoch_stop = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.trainer._end_epoch()
@@ -155,55 +129,34 @@ class SparkGRPOTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "spark-trl"]
 
-    def __init__(
-        self,
-        model,
-        reward_funcs=None,
-        args: SparkGRPOConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        reward_processing_classes=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-        tools=None,
-        rollout_func=None,
-        environment_factory=None,
-        aux_objective: AuxiliaryObjective | None = None,
-    ):
+    def __init__(self, model, reward_funcs=None, args: SparkGRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, tools=None, rollout_func=None,
+                 environment_factory=None, aux_objective: AuxiliaryObjective | None = None):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = SparkGRPOConfig(f"{str(name).split('/')[-1]}-SparkGRPO")
         if not isinstance(args, SparkGRPOConfig):
             raise TypeError(f"args must be a SparkGRPOConfig, got {type(args).__name__}")
         # Everything checkable before a model is loaded is checked here.
+        trl_private.check()
         self._spark_path = not (tools or rollout_func or environment_factory)
         self._validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory)
 
         self._spark_callback = _SparkCallback()
         # On by default: a reward that rises while the pass rate falls is the failure GRPO hides best.
-        mode = next((getattr(f, "mode", None) for f in reward_funcs if hasattr(f, "last_outcomes")), None) \
-            if isinstance(reward_funcs, (list, tuple)) else getattr(reward_funcs, "mode", None)
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        mode = next((getattr(f, "mode", None) for f in funcs if isinstance(f, ReportsOutcomes)), None)
         self.collapse_monitor = CollapseMonitor(window=args.collapse_window or 0, reward_mode=mode)
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=[self._spark_callback, self.collapse_monitor] + list(callbacks or []),
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-            rollout_func=rollout_func,
-            environment_factory=environment_factory,
-        )
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         reward_processing_classes=reward_processing_classes,
+                         callbacks=[self._spark_callback, self.collapse_monitor] + list(callbacks or []),
+                         optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config, tools=tools,
+                         rollout_func=rollout_func, environment_factory=environment_factory)
         self._spark_callback.trainer = self
+        trl_private.check(self)
 
         # TRL adds a frozen "ref" copy of a pre-existing adapter; the study's reference is the base model.
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -223,12 +176,30 @@ class SparkGRPOTrainer(GRPOTrainer):
 
             self._engine = FastRolloutEngine(unwrapped, self.processing_class, args)
 
-        self._rollout_global_step = -1  # optimizer step at which the buffered rollout was generated
+        self._ranks = Ranks(self.accelerator)
+        self._grower = GroupGrower(
+            self._generate_round, self._score, self._ranks, self.reward_weights, args.min_generations,
+            args.max_generations, args.generation_increment, args.adaptive_std_threshold,
+            prefetch=args.top_up_mode == "prefetch")
         self._stats = SparkStats()
         self.spark_stats_history: list[dict[str, Any]] = []
         self._epoch_rollouts: list[Rollout] = []
         self._joint_aux_batches: list[list] = []
         self._group_counter = 0
+        self._micro_batches: list[dict] = []  # the current rollout, one dict per micro-step
+        self._micro_step_rows: list[int] = []  # per micro-step: rows in the loss (and aux examples), all ranks
+        self._micro_aux_rows: list[int] = []  # per micro-step: joint-mode auxiliary examples, all ranks
+        self._n_micro = 0  # micro-steps of one pass over the current rollout
+        self._micro_num_items: list | None = None
+        self._position = 0  # the current micro-step's index in _micro_batches
+        self._rollout_epoch = -1  # rollout_schedule="epoch": the epoch whose rollout _micro_batches holds
+        self._epoch_index = 0
+        self._steps_per_epoch = 0  # rollout_schedule="epoch": the Trainer's steps per epoch (an upper bound)
+        self._pass_done = False  # the epoch's pass just ended: stop the epoch (read by _SparkCallback)
+        self._pass_complete = False  # the current epoch's pass has ended (False after an interruption)
+        self._pending_aux_rollouts: list[Rollout] = []
+        self._rollout_global_step = -1  # optimizer step at which the current rollout was generated
+        self._step_had_backward = False  # whether the optimizer step in progress has run a backward yet
         self.ref_forward_calls = 0  # reference forward passes (batches), for tests and benchmarks
 
     # ------------------------------------------------------------------------------------------------ validation
@@ -239,45 +210,39 @@ class SparkGRPOTrainer(GRPOTrainer):
         check_group_sizes(args)
         if args.num_generations != args.min_generations:
             raise ValueError(
-                f"num_generations ({args.num_generations}) must equal min_generations ({args.min_generations})"
-            )
+                f"num_generations ({args.num_generations}) must equal min_generations ({args.min_generations})")
         if args.aux_loss_scale > 0 and aux_objective is None and args.aux_objective is None:
             raise ValueError(
                 f"aux_loss_scale={args.aux_loss_scale} but no auxiliary objective: pass aux_objective=... or set "
-                "aux_objective='recycling' (the study's built-in), or set aux_loss_scale=0 (Condition A)."
-            )
-        needs_spark_path = (
-            args.adaptive
-            or args.skip_zero_advantage != "none"
-            or args.loss_type == "spark"
-            or args.aux_loss_scale > 0
-            or args.rollout_engine == "spark"
-        )
+                "aux_objective='recycling' (the study's built-in), or set aux_loss_scale=0 (Condition A).")
+        needs_spark_path = (args.adaptive or args.skip_zero_advantage != "none" or args.loss_type == "spark"
+                            or args.aux_loss_scale > 0 or args.rollout_engine == "spark")
         if needs_spark_path and (tools or rollout_func or environment_factory):
             raise ValueError(
                 "Adaptive groups, skip_zero_advantage, loss_type='spark', auxiliary objectives and the spark rollout "
                 "engine work with plain text or chat prompts only, not with tools, rollout_func or "
                 "environment_factory. Set min_generations=max_generations, skip_zero_advantage='none', a TRL "
-                "loss_type, aux_loss_scale=0 and rollout_engine='trl' to use those."
-            )
+                "loss_type, aux_loss_scale=0 and rollout_engine='trl' to use those.")
+        if args.aux_loss_scale > 0 and args.aux_mode == "phase" and _uses_deepspeed(args):
+            raise ValueError(
+                "aux_mode='phase' does not work under DeepSpeed: its engine steps the optimizer at its own gradient "
+                "accumulation boundary (every gradient_accumulation_steps backward passes), not after each "
+                "auxiliary micro-batch as the phase does. Use aux_mode='joint', or DDP/FSDP.")
         if args.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("SparkGRPOTrainer supports multi_objective_aggregation='sum_then_normalize' only")
         if args.scale_rewards not in ("group", "none"):
             raise ValueError(
                 f"scale_rewards={args.scale_rewards!r}: SparkGRPOTrainer normalises within each (possibly topped-up) "
-                "group; use 'group' or 'none'"
-            )
+                "group; use 'group' or 'none'")
         if args.use_vllm and args.vllm_importance_sampling_correction:
             raise ValueError(
                 "vllm_importance_sampling_correction is not supported by SparkGRPOTrainer yet; set it to False "
-                "when use_vllm=True (the old log-probs are still those of the training model)"
-            )
+                "when use_vllm=True (the old log-probs are still those of the training model)")
         local_batch = args.per_device_train_batch_size * args.steps_per_generation
         if local_batch % args.min_generations != 0:
             raise ValueError(
                 f"per_device_train_batch_size * steps_per_generation ({local_batch}) must be a multiple of "
-                f"min_generations ({args.min_generations}): SparkGRPOTrainer keeps every group on one process"
-            )
+                f"min_generations ({args.min_generations}): SparkGRPOTrainer keeps every group on one process")
         if args.rollout_engine == "spark":
             if args.use_vllm:
                 raise ValueError("rollout_engine='spark' and use_vllm=True are two different generation backends")
@@ -286,23 +251,8 @@ class SparkGRPOTrainer(GRPOTrainer):
             except ImportError as exc:
                 raise ValueError(
                     "rollout_engine='spark' needs spark_trl.rollout.FastRolloutEngine, which cannot be imported "
-                    f"({exc}). Use rollout_engine='trl'."
-                ) from None
-        # Columns that the reward functions (and the auxiliary objective) read.
-        columns = getattr(train_dataset, "column_names", None)
-        if columns is not None:
-            funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-            needs = [(getattr(f, "__name__", type(f).__name__), _required_columns(f))
-                     for f in funcs if f is not None and not isinstance(f, str)]
-            if aux_objective is not None:
-                needs.append((type(aux_objective).__name__, tuple(aux_objective.required_columns)))
-            for name, required in needs:
-                missing = [c for c in required if c not in columns]
-                if missing:
-                    raise ValueError(
-                        f"The train dataset lacks the column(s) {missing} that {name} needs (it has {columns}). "
-                        "Build it with spark_trl.data.to_grpo_dataset."
-                    )
+                    f"({exc}). Use rollout_engine='trl'.") from None
+        _check_columns(reward_funcs, train_dataset, aux_objective)
 
     @property
     def rollout_engine(self):
@@ -310,7 +260,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         to the evaluation (``FastRolloutEngine.sampling``) so that one dense copy of the weights serves both."""
         return self._engine
 
-    # ------------------------------------------------------------------------------------------------ statistics
+    # ------------------------------------------------------------------------------------------------ epochs
 
     @property
     def spark_stats(self) -> dict[str, Any]:
@@ -322,351 +272,379 @@ class SparkGRPOTrainer(GRPOTrainer):
         """Start accumulating `spark_stats` afresh (done automatically at the start of every epoch)."""
         self._stats = SparkStats()
 
+    def epoch_state(self) -> dict[str, Any]:
+        """This process's per-epoch accumulators (statistics, the rollouts the auxiliary phase will read): what a
+        checkpoint taken in the middle of an epoch must hold for an exact resume. See `load_epoch_state`."""
+        state = {"stats": self._stats, "epoch_rollouts": self._epoch_rollouts}
+        if self.args.rollout_schedule == "epoch" and self._rollout_epoch == self._epoch_index:
+            # The epoch's rollout, which the rest of the pass trains on.
+            state["pass"] = {"epoch": self._rollout_epoch, "rows": self._micro_step_rows,
+                             "aux_rows": self._micro_aux_rows, "aux_batches": self._joint_aux_batches,
+                             "rollout_global_step": self._rollout_global_step,
+                             "micro_batches": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in mb.items()}
+                                               for mb in self._micro_batches]}
+        return state
+
+    def load_epoch_state(self, state: dict[str, Any]) -> None:
+        """Restore what `epoch_state` returned (after `on_epoch_begin` of the resumed epoch has reset it)."""
+        self._stats = state["stats"]
+        self._epoch_rollouts = state["epoch_rollouts"]
+        saved = state.get("pass")
+        if saved is not None:
+            device = self.accelerator.device
+            self._micro_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
+                                   for mb in saved["micro_batches"]]
+            self._micro_step_rows = saved["rows"]
+            self._micro_aux_rows, self._joint_aux_batches = saved["aux_rows"], saved["aux_batches"]
+            self._rollout_epoch = saved["epoch"]
+            self._rollout_global_step = saved["rollout_global_step"]
+
     def _begin_epoch(self):
         self.reset_spark_stats()
         self._epoch_rollouts = []
+        self._pass_complete = False
+        if self._steps_per_epoch:
+            self._epoch_index = self.state.global_step // self._steps_per_epoch
 
     def _end_epoch(self):
+        if self.args.rollout_schedule == "epoch" and not self._pass_complete:
+            return  # training stopped in the middle of the pass: the epoch is not over (a resume finishes it)
         if self._aux_on and self.args.aux_mode == "phase":
             self._run_aux_phase()
+        if self.args.rollout_schedule == "epoch" and self._steps_per_epoch:
+            # The epoch ended when its pass did, before the Trainer's (upper-bound) count of steps: move the step
+            # counter to the epoch's end, so that resuming (which finds the epoch from global_step) and a runner's
+            # per-epoch arithmetic stay right. The optimizer and the scheduler saw only the real steps.
+            trl_private.move_global_step(self, (self._epoch_index + 1) * self._steps_per_epoch)
+            self.state.epoch = float(self._epoch_index + 1)
         summary = self.spark_stats
         summary["epoch"] = self.state.epoch
         self.spark_stats_history.append(summary)
-        flat = {f"spark/epoch/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
-        self.log(flat)
+        self.log({f"spark/epoch/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
 
-    def _reduce_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            t = self.accelerator.reduce(t, reduction="sum")
-        return t.tolist()
+    # ------------------------------------------------------------------------------------------------ the step
 
-    def _reduce_max(self, value: int) -> int:
-        if self.accelerator.num_processes == 1:
-            return int(value)
-        t = torch.tensor([value], dtype=torch.long, device=self.accelerator.device)
-        return int(self.accelerator.gather(t).max().item())
+    def get_train_dataloader(self):
+        # Replaces GRPOTrainer.get_train_dataloader for rollout_schedule="epoch": the trainer draws each epoch's
+        # problems itself (sampling.epoch_order); the loader only counts micro-steps, as many per epoch as the
+        # largest possible pass needs (every group at max_generations, all in the loss). The epoch stops when
+        # its pass does (_SparkCallback.on_step_end).
+        if not (self._spark_path and self.args.rollout_schedule == "epoch"):
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
 
-    # ------------------------------------------------------------------------------------------------ generation
+        from .sampling import EpochTicks
+
+        args, world = self.args, self.accelerator.num_processes
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        problems = -(-len(self.train_dataset) // world)
+        self._steps_per_epoch = -(-problems * args.max_generations // per_step) * self.num_iterations
+        ticks = EpochTicks(self._steps_per_epoch * args.gradient_accumulation_steps, world)
+        return self.accelerator.prepare(DataLoader(ticks, batch_size=1, collate_fn=list))
+
+    def _get_train_sampler(self, dataset=None):
+        # Replaces GRPOTrainer._get_train_sampler: the same sampler without the dropped remainder, so that every
+        # problem of an epoch is trained on (see spark_trl.sampling).
+        sampler = super()._get_train_sampler(dataset)
+        if not self._spark_path:
+            return sampler
+        return CoveringRepeatSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
+                                     sampler.repeat_count, sampler.shuffle, sampler.seed)
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        # Wraps GRPOTrainer.training_step: a micro-step in which no rank has anything in the loss runs no forward
+        # and no backward, so that an optimizer step without any leaves every gradient None and AdamW (which skips
+        # parameters without a gradient) moves nothing: no momentum, no weight decay. Every rank decides alike.
+        if not self._spark_path:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()  # as Trainer.training_step does before preparing the inputs
+        batch = self._prepare_inputs(inputs)
+        sync = self.accelerator.sync_gradients  # the last micro-step of the optimizer step
+        empty = self._rows_in(self._position) == 0
+        # A step whose earlier micro-steps ran a backward must still run its last one: the gradient all-reduce
+        # (DDP) or reduce-scatter (FSDP) happens there. DeepSpeed counts backward calls to find its accumulation
+        # boundary, so under DeepSpeed nothing is skipped.
+        if empty and not (sync and self._step_had_backward) and not self.is_deepspeed_enabled:
+            trl_private.count_micro_step(self)
+            loss = torch.zeros((), device=self.accelerator.device)
+        else:
+            loss = super().training_step(model, batch, num_items_in_batch)
+            self._step_had_backward = True
+        if sync:
+            if self._step_had_backward:
+                self._stats.optimizer_steps += 1
+            else:
+                self._stats.optimizer_steps_skipped += 1
+                trl_private.metrics(self)["spark/optimizer_step_skipped"].append(1.0)
+            self._step_had_backward = False
+            if self.args.rollout_schedule == "epoch" and self._position + 1 >= len(self._micro_batches):
+                self._pass_done = self._pass_complete = True
+        return loss
+
+    def _rows_in(self, position: int) -> int:
+        return self._micro_step_rows[position] if position < len(self._micro_step_rows) else 0
 
     def _prepare_inputs(self, generation_batch):
-        # Replaces GRPOTrainer._prepare_inputs in training: the generation batch comes back already shuffled and
-        # ordered into steps_per_generation equal micro-batches (TRL's shuffle + split would drop the remainder
-        # rows of a batch whose size varies with the top-ups).
+        # Replaces GRPOTrainer._prepare_inputs in training: serves the micro-batches of the current rollout, already
+        # balanced over ranks (TRL's shuffle + split would drop the remainder rows of a batch whose size varies with
+        # the top-ups), and makes a new rollout when the schedule says so.
         if not (self._spark_path and self.model.training):
             return super()._prepare_inputs(generation_batch)
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = self._generate_and_score_completions(generation_batch)
-            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+        if isinstance(generation_batch, dict):  # a micro-batch that training_step has already prepared
+            return generation_batch
+        if self.args.rollout_schedule == "epoch":
+            self._position = int(generation_batch[0])  # the micro-step's index in the epoch (EpochTicks)
+            if self._rollout_epoch != self._epoch_index:
+                if self._position > 0:
+                    logger.warning("resuming in the middle of an epoch without its saved rollout: the rest of the "
+                                   "epoch trains on a fresh rollout of the epoch's problems")
+                self._new_rollout(self._epoch_rows())
+                self._rollout_epoch = self._epoch_index
+        else:
+            step = trl_private.micro_step(self)
+            self._position = step % self.args.steps_per_generation
+            if step % (self.args.steps_per_generation * self.num_iterations) == 0 or not self._micro_batches:
+                self._new_rollout(generation_batch)
+        if self._position >= len(self._micro_batches):  # resumed after the end of the epoch's pass
+            return _without_weight(self._micro_batches[-1])
+        return self._micro_batches[self._position]
+
+    def _new_rollout(self, inputs) -> None:
+        batch = self._generate_and_score_completions(inputs)
+        self._micro_batches = split_micro_batches(batch, self._n_micro)
+        for micro, num_items in zip(self._micro_batches, self._micro_num_items or []):
+            micro["num_items_in_batch"] = num_items
+        if self.args.rollout_schedule == "epoch":  # num_iterations passes over the epoch's rollout
+            self._micro_batches = self._micro_batches * self.num_iterations
+            self._micro_step_rows = self._micro_step_rows * self.num_iterations
+            self._micro_aux_rows = self._micro_aux_rows * self.num_iterations
+            self._joint_aux_batches = self._joint_aux_batches * self.num_iterations
+
+    def _epoch_rows(self) -> list[dict]:
+        """This process's problems of the current epoch, each repeated min_generations times (TRL's format)."""
+        ranks, dataset = self._ranks, self.train_dataset
+        order = epoch_order(len(dataset), self._epoch_index, self.args.seed, self.shuffle_dataset)
+        return [dataset[i] for i in order[ranks.rank::ranks.world] for _ in range(self.args.min_generations)]
+
+    # ------------------------------------------------------------------------------------------------ rollouts
+
+    def _generate_and_score_completions(self, inputs):
+        # Replaces GRPOTrainer._generate_and_score_completions in training (evaluation keeps TRL's): adaptive
+        # groups, advantages over each final group, and the batch of the sequences in the loss. `inputs` is a
+        # generation batch, or with rollout_schedule="epoch" all of this process's problems of the epoch, sampled
+        # in chunks of a generation batch with the same policy.
+        if not (self._spark_path and self.model.training):
+            return super()._generate_and_score_completions(inputs)
+        if inputs and ("image" in inputs[0] or "images" in inputs[0]):
+            raise ValueError("SparkGRPOTrainer does not support image inputs")
+        rows = _group_rows(inputs, self.args.min_generations)
+        if self.args.rollout_schedule == "epoch":
+            chunk = self.args.per_device_train_batch_size * self.args.steps_per_generation // self.args.min_generations
+            n_chunks = self._ranks.max(-(-len(rows) // chunk))  # every rank joins every chunk's generation rounds
+            filler = self.train_dataset[0]
+            scored = ScoredRollout.concat([self._sample_and_score(rows[c * chunk:(c + 1) * chunk], filler)
+                                           for c in range(n_chunks)])
+        else:
+            scored = self._sample_and_score(rows)
+        self._record(scored)
+        return self._assemble(scored)
+
+    def _sample_and_score(self, rows: list[dict], filler: dict | None = None) -> ScoredRollout:
+        """Growing groups, then the math: rewards, advantages within each final group, what enters the loss."""
+        args = self.args
+        self._extra_columns = ExtraColumns()
+        grown = self._grower.grow(rows, filler)
+        device = self.accelerator.device
+        rewards_per_func = grown.rewards_per_func(len(self.reward_funcs)).to(device)
+        rewards = grown.rewards(self.reward_weights.to(device))
+        group_of = torch.tensor(grown.group_of, dtype=torch.long, device=device)
+        advantages, no_variance = group_advantages(
+            rewards, group_of, std=args.advantage_std, epsilon=args.advantage_epsilon,
+            threshold=args.adaptive_std_threshold, scale=args.scale_rewards == "group")
+        keep = in_loss(advantages, no_variance, group_of, args.skip_zero_advantage, args.advantage_epsilon)
+        return ScoredRollout(grown, rewards_per_func, rewards, advantages, no_variance, keep,
+                             self._extra_columns.columns)
 
     def _generate_round(self, prompts: list, per_prompt: int) -> tuple[list, list, list]:
         """One call of the generation backend: `prompts` holds each prompt `per_prompt` times in a row."""
-        prompt_ids, _, _ = self._tokenize_prompts(prompts)
+        prompt_ids = trl_private.tokenize_prompts(self, prompts)
         if self._engine is not None:
-            unwrapped = self.accelerator.unwrap_model(self.model)
             if self._engine_synced_step != self.state.global_step:
-                self._engine.sync_weights(unwrapped)
+                self._engine.sync_weights(self.accelerator.unwrap_model(self.model))
                 self._engine_synced_step = self.state.global_step
-            completion_ids = [list(c) for c in self._engine.generate([list(p) for p in prompt_ids])]
+            completion_ids = [list(c) for c in self._engine.generate(prompt_ids)]
             if len(completion_ids) != len(prompt_ids):
                 raise RuntimeError(
                     f"FastRolloutEngine.generate returned {len(completion_ids)} completions for {len(prompt_ids)} "
-                    "prompts; it must return one per prompt"
-                )
+                    "prompts; it must return one per prompt")
         else:
             # TRL's backend: transformers generate, continuous batching, or vLLM (whose server mode de-duplicates
             # prompts by taking every `per_prompt`-th one, hence the contiguous repeats).
-            completion_ids, _ = self._generate_single_turn(prompt_ids, None, {}, per_prompt)
+            completion_ids = trl_private.generate(self, prompt_ids, per_prompt)
         contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         if is_conversational({"prompt": prompts[0]}):
             completions = [[{"role": "assistant", "content": c}] for c in contents]
         else:
             completions = contents
-        return [list(p) for p in prompt_ids], [list(c) for c in completion_ids], completions
+        return prompt_ids, completion_ids, completions
 
     def _score(self, rows, prompts, completions, completion_ids):
-        """Rewards (n, num_funcs) of this rank's completions, and their ExecutionOutcomes when a reward function
-        exposes them as `last_outcomes` (spark_trl.reward.ExecutionReward does)."""
-        with _local_rewards():
-            rewards = self._calculate_rewards(rows, prompts, completions, completion_ids)
-        outcomes: list[ExecutionOutcome | None] = [None] * len(prompts)
-        for func in self.reward_funcs:
-            last = getattr(func, "last_outcomes", None)
-            if last is not None and len(last) == len(prompts):
-                outcomes = list(last)
-                break
-        return rewards, outcomes
+        """Rewards (n, reward functions) of this rank's completions and their outcomes (from a reward function
+        that declares `ReportsOutcomes`); the reward functions' `log_extra` values join the rollout's columns."""
+        rewards = trl_private.calculate_rewards(self, rows, prompts, completions, completion_ids)
+        self._extra_columns.add_round(trl_private.take_reward_extra(self), len(prompts))
+        return rewards, outcomes_of(self.reward_funcs, len(prompts))
 
-    def _generate_and_score_completions(self, inputs):
-        # Replaces GRPOTrainer._generate_and_score_completions in training (evaluation keeps TRL's): adaptive
-        # groups, advantages over each final group, reference/old log-probs for the sequences in the loss only,
-        # and rows balanced across ranks and micro-steps.
-        if not (self._spark_path and self.model.training):
-            return super()._generate_and_score_completions(inputs)
-        args = self.args
-        device = self.accelerator.device
-        if "image" in inputs[0] or "images" in inputs[0]:
-            raise ValueError("SparkGRPOTrainer does not support image inputs")
-        k0 = args.min_generations
-        groups = [inputs[i] for i in range(0, len(inputs), k0)]  # one row per group: TRL repeats each k0 times
-        for g, row in enumerate(groups):
-            if any(inputs[g * k0 + j]["prompt"] != row["prompt"] for j in range(k0)):
-                raise RuntimeError("a generation batch must hold whole groups of min_generations identical prompts")
+    # ------------------------------------------------------------------------------------------------ statistics
 
-        # Samples, in generation order; group_of[i] is the group of sample i.
-        rows, prompts, prompt_ids, completion_ids, completions, group_of, outcomes = [], [], [], [], [], [], []
-        reward_chunks = []
-
-        # top_up_mode="prefetch": the first round samples max_generations per prompt at once and top-ups are
-        # revealed from the spares (same distribution as sampling them later: the samples are i.i.d.).
-        prefetch = args.top_up_mode == "prefetch" and args.adaptive
-        spares: dict[int, list[tuple]] = defaultdict(list)
-        generated_tokens = [0]
-
-        def run_round(group_indices: list[int], per_prompt: int, first: bool = False):
-            if prefetch and not first:
-                taken = [spares[g].pop(0) for g in group_indices for _ in range(per_prompt)]
-                p_ids = [t[0] for t in taken]
-                c_ids = [t[1] for t in taken]
-                comps = [t[2] for t in taken]
-                round_prompts = [groups[g]["prompt"] for g in group_indices for _ in range(per_prompt)]
-            else:
-                # Every rank calls the backend with the same number of prompts (collective backends need it);
-                # ranks with fewer groups to grow pad with copies of their first group and throw those away.
-                n_global = self._reduce_max(len(group_indices)) if self.accelerator.num_processes > 1 else len(
-                    group_indices)
-                if n_global == 0:
-                    return
-                padded = group_indices + [0] * (n_global - len(group_indices))
-                sampled = args.max_generations if (prefetch and first) else per_prompt
-                all_prompts = [groups[g]["prompt"] for g in padded for _ in range(sampled)]
-                p_all, c_all, comp_all = self._generate_round(all_prompts, sampled)
-                generated_tokens[0] += sum(len(c) for c in c_all[:len(group_indices) * sampled])
-                p_ids, c_ids, comps, round_prompts = [], [], [], []
-                for k, g in enumerate(group_indices):
-                    for j in range(sampled):
-                        item = (p_all[k * sampled + j], c_all[k * sampled + j], comp_all[k * sampled + j])
-                        if j < per_prompt:
-                            p_ids.append(item[0])
-                            c_ids.append(item[1])
-                            comps.append(item[2])
-                            round_prompts.append(all_prompts[k * sampled + j])
-                        else:
-                            spares[g].append(item)
-            round_rows = [groups[g] for g in group_indices for _ in range(per_prompt)]
-            if round_rows:
-                r, o = self._score(round_rows, round_prompts, comps, c_ids)
-                reward_chunks.append(r)
-                outcomes.extend(o)
-            rows.extend(round_rows)
-            prompts.extend(round_prompts)
-            prompt_ids.extend(p_ids)
-            completion_ids.extend(c_ids)
-            completions.extend(comps)
-            group_of.extend(g for g in group_indices for _ in range(per_prompt))
-
-        run_round(list(range(len(groups))), k0, first=True)
-        size = [k0] * len(groups)
-        weights = self.reward_weights.to(device)
-
-        def group_stats():
-            rewards_per_func = torch.cat(reward_chunks) if reward_chunks else torch.zeros(0, len(self.reward_funcs))
-            unscorable = torch.isnan(rewards_per_func).all(dim=1)
-            rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-            rewards[unscorable] = torch.nan
-            gof = torch.tensor(group_of, dtype=torch.long, device=device)
-            return rewards_per_func, rewards, gof
-
-        while True:
-            _, rewards, gof = group_stats()
-            needy = [g for g in range(len(groups)) if size[g] < args.max_generations
-                     and _group_std(rewards[gof == g], "population") <= args.adaptive_std_threshold]
-            step = [min(args.generation_increment, args.max_generations - size[g]) for g in needy]
-            # Groups grow by the same increment per round; one capped by max_generations grows by less.
-            by_increment = defaultdict(list)
-            for g, s in zip(needy, step):
-                by_increment[s].append(g)
-            # Every rank must run the same rounds: agree on the set of increments used this round.
-            increments = sorted(by_increment)
-            if self.accelerator.num_processes > 1:
-                increments = sorted({s for lst in gather_object([increments]) for s in lst})
-            if not increments:
-                break
-            for inc in increments:
-                run_round(by_increment.get(inc, []), inc)
-                for g in by_increment.get(inc, []):
-                    size[g] += inc
-
-        rewards_per_func, rewards, gof = group_stats()
-        n = len(rows)
-        advantages, no_variance_t = group_advantages(
-            rewards, gof, std=args.advantage_std, epsilon=args.advantage_epsilon,
-            threshold=args.adaptive_std_threshold, scale=args.scale_rewards == "group")
-        no_variance = no_variance_t.tolist()
-        if args.skip_zero_advantage == "none":
-            keep = torch.ones(n, dtype=torch.bool, device=device)
-        elif args.skip_zero_advantage == "group":
-            keep = ~no_variance_t.to(device)[gof]
-        else:
-            keep = advantages.abs() >= args.advantage_epsilon
-
-        # ---- statistics (global) and logging
-        lengths = [len(c) for c in completion_ids]
-        saved = 0.0
-        for g in range(len(groups) if not prefetch else 0):  # prefetch generates max_generations anyway
-            glen = [lengths[i] for i in range(n) if group_of[i] == g]
-            saved += (args.max_generations - size[g]) * (sum(glen) / max(len(glen), 1))
-        finite = ~torch.isnan(rewards)
-        eos_and_pad = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
-        truncated = sum(1 for c in completion_ids if not c or c[-1] not in eos_and_pad)
-        with_outcome = [o for o in outcomes if o is not None]
-        local = [
-            len(groups), sum(size), sum(s > k0 for s in size), sum(no_variance), n, sum(lengths), saved,
-            int(keep.sum()), sum(o.all_passed for o in with_outcome), len(with_outcome),
-            float(rewards[finite].sum()), int(finite.sum()), float((rewards[finite] ** 2).sum()), truncated,
-            sum(len(p) for p in prompt_ids), generated_tokens[0], sum(o.no_attempt for o in with_outcome),
-        ]
-        (n_groups, size_sum, topped, constant, n_all, tokens, saved, kept, passed, judged, r_sum, r_cnt, r_sq,
-         truncated, prompt_tokens, generated, no_attempt) = self._reduce_sum(local)
-        hist = Counter(size)
-        if self.accelerator.num_processes > 1:
-            hist = Counter()
-            for h in gather_object([dict(Counter(size))]):
-                hist.update(h)
-        st = self._stats
-        st.rollouts += int(n_all)
-        st.rollouts_with_outcome += int(judged)
-        st.rollouts_passed += int(passed)
-        st.rollouts_no_attempt += int(no_attempt)
-        st.completion_tokens += int(tokens)
-        st.reward_sum += r_sum
-        st.reward_count += int(r_cnt)
-        st.groups += int(n_groups)
-        st.groups_topped_up += int(topped)
-        st.groups_without_variance += int(constant)
-        st.group_sizes.update(hist)
-        st.sequences_in_loss += int(kept)
-        st.tokens_saved += saved
-        m = self._metrics["train"]
-        m["spark/group_size_mean"].append(size_sum / max(n_groups, 1))
-        m["spark/frac_groups_topped_up"].append(topped / max(n_groups, 1))
-        m["spark/frac_groups_without_variance"].append(constant / max(n_groups, 1))
-        m["spark/completions"].append(n_all)
-        m["spark/completion_tokens"].append(tokens)
-        m["spark/generated_tokens"].append(generated)  # with prefetch, includes the spares never used
-        m["spark/tokens_saved_vs_max_generations"].append(saved)
-        m["spark/frac_sequences_in_loss"].append(kept / max(n_all, 1))
-        if judged:
-            m["spark/train_pass_rate"].append(passed / judged)
-            m["spark/no_attempt_share"].append(no_attempt / judged)
-        mean_r = r_sum / max(r_cnt, 1)
-        m["reward"].append(mean_r)
-        m["reward_std"].append(math.sqrt(max(r_sq / max(r_cnt, 1) - mean_r ** 2, 0.0) * r_cnt / max(r_cnt - 1, 1)))
-        m["frac_reward_zero_std"].append(constant / max(n_groups, 1))
-        m["completions/mean_length"].append(tokens / max(n_all, 1))
-        m["completions/clipped_ratio"].append(truncated / max(n_all, 1))
-        for i, name in enumerate(self.reward_func_names):
-            col = rewards_per_func[:, i]
-            ok = ~torch.isnan(col)
-            s, c = self._reduce_sum([float(col[ok].sum()), int(ok.sum())])
-            m[f"rewards/{name}/mean"].append(s / c if c else float("nan"))
-        self.state.num_input_tokens_seen += int(prompt_tokens + tokens)
-        m["num_tokens"] = [self.state.num_input_tokens_seen]
-        self._flush_reward_logs()
-        if self.log_completions:
-            self._logs["prompt"].extend(gather_object(prompts))
-            self._logs["completion"].extend(gather_object(completions))
-            for i, name in enumerate(self.reward_func_names):
-                self._logs["rewards"][name].extend(gather_object(rewards_per_func[:, i].tolist()))
-            self._logs["advantages"].extend(gather_object(advantages.tolist()))
-
-        # ---- rollouts for the auxiliary objective
+    def _record(self, scored: ScoredRollout) -> None:
+        """Statistics (global over ranks, one reduction), TRL's logs, and the rollouts for the auxiliary
+        objective."""
+        figures = self._figures(scored).reduced(self._ranks)
+        figures.add_to(self._stats)
+        figures.log(trl_private.metrics(self), self.reward_func_names)
+        self.state.num_input_tokens_seen += figures.prompt_tokens + figures.completion_tokens
+        trl_private.metrics(self)["num_tokens"] = [self.state.num_input_tokens_seen]
+        self._flush_reward_logs(scored)
         if self._aux_on:
-            new = []
-            for i in range(n):
-                new.append(Rollout(
-                    prompt=prompts[i], completion=_text(completions[i]), reward=float(rewards[i]),
-                    advantage=float(advantages[i]), group=self._group_counter + group_of[i], outcome=outcomes[i],
-                    row={k: v for k, v in rows[i].items() if k != "prompt"},
-                ))
-            self._group_counter += len(groups)
-            if args.aux_mode == "phase":
-                self._epoch_rollouts.extend(new)
-            else:
-                self._prepare_joint_aux(new)
+            self._collect_aux_rollouts(scored)
 
-        # ---- tensors for the sequences in the loss, balanced over ranks and micro-steps
-        kept_idx = keep.nonzero(as_tuple=True)[0].tolist()
-        random.Random(int(torch.randint(0, 2**31 - 1, (1,)).item())).shuffle(kept_idx)  # TRL shuffles too
-        spg = args.steps_per_generation
-        per_step = max(1, math.ceil(self._reduce_max(len(kept_idx)) / spg))
-        # Row j of the batch shows sample src[j]; real[j] is False for padding rows, which copy a kept sample of
-        # this rank (or a one-token dummy, src None, when it has none) and carry no weight and no loss token.
-        src: list[int | None] = []
-        real: list[bool] = []
-        for j in range(spg):
-            chunk = kept_idx[j::spg]
-            fill = per_step - len(chunk)
-            src.extend(chunk + [kept_idx[(j + f) % len(kept_idx)] if kept_idx else None for f in range(fill)])
-            real.extend([True] * len(chunk) + [False] * fill)
-        batch = self._build_tensors(src, real, prompt_ids, completion_ids)
-        batch["advantages"] = torch.tensor(
-            [float(advantages[i]) if r else 0.0 for i, r in zip(src, real)], device=device)
+    def _figures(self, scored: ScoredRollout) -> RolloutFigures:
+        """This rank's figures of the rollout."""
+        args, grown = self.args, scored.grown
+        lengths = [len(c) for c in grown.completion_ids]
+        saved = 0.0
+        if args.top_up_mode != "prefetch":  # prefetch samples max_generations anyway
+            for g, size in enumerate(grown.sizes):
+                glen = [n for n, gi in zip(lengths, grown.group_of) if gi == g]
+                saved += (args.max_generations - size) * (sum(glen) / max(len(glen), 1))
+        rewards = scored.rewards
+        finite = ~torch.isnan(rewards)
+        eos_and_pad = set(self.eos_token_ids) | {self._pad_id()}
+        judged = [o for o in grown.outcomes if o is not None]
+        per_func = []
+        for i in range(scored.rewards_per_func.size(1)):
+            col = scored.rewards_per_func[:, i]
+            ok = ~torch.isnan(col)
+            per_func.append([float(col[ok].sum()), int(ok.sum())])
+        return RolloutFigures(
+            groups=len(grown.rows), completions=len(grown), topped_up=sum(s > args.min_generations for s in grown.sizes),
+            without_variance=int(scored.no_variance.sum()), completion_tokens=sum(lengths),
+            generated_tokens=grown.generated_tokens, tokens_saved=saved, in_loss=int(scored.keep.sum()),
+            passed=sum(o.all_passed for o in judged), judged=len(judged),
+            no_attempt=sum(o.no_attempt for o in judged), reward_sum=float(rewards[finite].sum()),
+            reward_sq_sum=float((rewards[finite] ** 2).sum()), reward_count=int(finite.sum()),
+            truncated=sum(1 for c in grown.completion_ids if not c or c[-1] not in eos_and_pad),
+            prompt_tokens=sum(len(p) for p in grown.prompt_ids), per_func=per_func,
+            group_sizes=Counter(grown.sizes))
+
+    def _flush_reward_logs(self, scored: ScoredRollout) -> None:
+        """TRL's end of `_generate_and_score_completions`, for this rollout: the completions table (prompts,
+        completions, rewards, advantages and the reward functions' `log_extra` columns) gathered over ranks, and
+        the `log_metric` values averaged over ranks. Names are sorted so that every rank gathers in one order."""
+        pending = trl_private.take_reward_metrics(self)
+        metrics = trl_private.metrics(self)
+        for name in self._ranks.union(pending):
+            values = pending.get(name, [])
+            total, count = self._ranks.sum([sum(values), len(values)])
+            if count:
+                metrics[name].append(total / count)
+        if not self.log_completions:
+            return
+        logs, grown = trl_private.completion_logs(self), scored.grown
+        logs["prompt"].extend(_gathered(self._ranks, grown.prompts))
+        logs["completion"].extend(_gathered(self._ranks, grown.completions))
+        for i, name in enumerate(self.reward_func_names):
+            logs["rewards"][name].extend(_gathered(self._ranks, scored.rewards_per_func[:, i].tolist()))
+        logs["advantages"].extend(_gathered(self._ranks, scored.advantages.tolist()))
+        for column in self._ranks.union(scored.extra_columns):
+            values = scored.extra_columns.get(column, [None] * len(grown))
+            logs["extra"][column].extend(_gathered(self._ranks, values))
+
+    def _collect_aux_rollouts(self, scored: ScoredRollout) -> None:
+        grown = scored.grown
+        new = [Rollout(prompt=grown.prompts[i], completion=_text(grown.completions[i]),
+                       reward=float(scored.rewards[i]), advantage=float(scored.advantages[i]),
+                       group=self._group_counter + grown.group_of[i], outcome=grown.outcomes[i],
+                       row={k: v for k, v in grown.rows[grown.group_of[i]].items() if k != "prompt"})
+               for i in range(len(grown))]
+        self._group_counter += len(grown.rows)
+        if self.args.aux_mode == "phase":
+            self._epoch_rollouts.extend(new)
+        else:
+            self._pending_aux_rollouts = new  # spread over the rollout's micro-steps once they are laid out
+
+    # ------------------------------------------------------------------------------------------------ the batch
+
+    def _assemble(self, scored: ScoredRollout) -> dict:
+        """The rollout's batch: the sequences in the loss laid out over micro-steps of equal rows on every rank
+        (`_layout`), padded; reference/old log-probs; what normalises the loss."""
+        args, device, grown = self.args, self.accelerator.device, scored.grown
+        kept, layout, rows = self._layout(scored)
+        n_micro = self._n_micro = len(layout)
+        src, real = pad_layout(layout, rows, kept)
+        batch = build_tensors(src, real, grown.prompt_ids, grown.completion_ids, self._pad_id(),
+                              set(self.eos_token_ids) | {self._pad_id()}, self.mask_truncated_completions,
+                              self.pad_to_multiple_of, device)
+        batch["advantages"] = torch.tensor([float(scored.advantages[i]) if r else 0.0 for i, r in zip(src, real)],
+                                           device=device)
         batch["seq_weight"] = torch.tensor([1.0 if r else 0.0 for r in real], device=device)
-        loss_mask = batch["completion_mask"] * batch["tool_mask"]
-        batch["num_items_in_batch"] = torch.tensor(self._reduce_sum([float(loss_mask.sum())])[0], device=device)
-        batch["num_sequences"] = torch.tensor(float(kept), device=device)
-        self._add_logps(batch, src, real)
+        joint = self._aux_on and args.aux_mode == "joint"
+        if joint:
+            self._prepare_joint_aux(self._pending_aux_rollouts, n_micro)
+        tokens = (batch["completion_mask"] * batch["tool_mask"]).sum(-1).view(n_micro, rows).sum(-1).tolist()
+        real_rows = [sum(real[j * rows:(j + 1) * rows]) for j in range(n_micro)]
+        aux_rows = [len(b) for b in self._joint_aux_batches] if joint else [0] * n_micro
+        totals = self._ranks.sum([float(len(kept))] + tokens + real_rows + aux_rows)
+        tokens = totals[1:1 + n_micro]
+        self._micro_aux_rows = [int(x) for x in totals[1 + 2 * n_micro:]]
+        self._micro_step_rows = [int(a + b) for a, b in zip(totals[1 + n_micro:1 + 2 * n_micro],
+                                                            self._micro_aux_rows)]
+        batch["num_sequences"] = torch.tensor(totals[0], device=device)
+        batch["num_items_in_batch"] = torch.tensor(sum(tokens), device=device)
+        self._micro_num_items = None
+        if args.rollout_schedule == "epoch":
+            # An optimizer step's objective: the sum of its sequences' losses over the nominal step size (the
+            # study divides by 4 even in a last, shorter step); TRL's token-normalised losses by its tokens.
+            batch["sequence_scale"] = torch.tensor(1.0 / (args.per_device_train_batch_size
+                                                          * args.gradient_accumulation_steps), device=device)
+            acc = args.gradient_accumulation_steps
+            self._micro_num_items = [torch.tensor(sum(tokens[k - k % acc:k - k % acc + acc])
+                                                  * args.steps_per_generation / acc, device=device)
+                                     for k in range(n_micro)]
+        if totals[0] or sum(self._micro_step_rows) or self._step_had_backward:  # else no rank runs a forward
+            self._add_logps(batch, src, real)
         self._rollout_global_step = self.state.global_step
         return batch
 
-    def _flush_reward_logs(self):
-        # Reward functions may log metrics (TRL's `log_metric`); average them over all ranks, as TRL does.
-        names = sorted(set(self._pending_metrics)) if self.accelerator.num_processes == 1 else sorted(
-            {k for lst in gather_object([list(self._pending_metrics)]) for k in lst})
-        for name in names:
-            values = self._pending_metrics.get(name, [])
-            total, count = self._reduce_sum([sum(values), len(values)])
-            if count:
-                self._metrics["train"][name].append(total / count)
-        self._pending_metrics.clear()
-        self._pending_extra_logs.clear()
+    def _layout(self, scored: ScoredRollout) -> tuple[list[int], list[list[int]], int]:
+        """(sequences in the loss, the sequences of each micro-step, rows per micro-step), equal counts on every
+        rank. "batch": shuffled and dealt round-robin over steps_per_generation micro-steps (TRL's way).
+        "epoch": problem by problem in rollout order, per_device_train_batch_size * gradient_accumulation_steps
+        per optimizer step (the study's one pass), at least one step."""
+        args = self.args
+        kept = scored.keep.nonzero(as_tuple=True)[0].tolist()
+        most = self._ranks.max(len(kept))
+        if args.rollout_schedule == "batch":
+            random.Random(int(torch.randint(0, 2**31 - 1, (1,)).item())).shuffle(kept)  # TRL shuffles too
+            spg = args.steps_per_generation
+            return kept, deal_round_robin(kept, spg), rows_per_micro_step(most, spg)
+        kept.sort(key=lambda i: (scored.grown.group_of[i], i))  # top-ups come last in rollout order
+        bs, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        n_steps = max(1, -(-most // (bs * accumulation)))
+        return kept, deal_in_order(kept, n_steps, bs * accumulation, accumulation, bs), bs
 
-    def _build_tensors(self, src, real, prompt_ids, completion_ids):
-        """Padded tensors as TRL's loss expects them. A padding row is an exact copy of its source row (so every
-        log-prob computed on it is finite and equal to the source's) and is kept out of the loss by `tool_mask`,
-        which TRL's `_compute_loss` multiplies into its loss mask (and `_spark_loss` too)."""
-        device = self.accelerator.device
-        pad_id = self._tokenizer.pad_token_id
-        p = [torch.tensor(prompt_ids[i] if i is not None else [pad_id]) for i in src]
-        c = [torch.tensor((completion_ids[i] or [pad_id]) if i is not None else [pad_id]) for i in src]
-        ptm = self.pad_to_multiple_of
-        prompt_ids_t = pad(p, padding_value=pad_id, padding_side="left", pad_to_multiple_of=ptm).to(device)
-        prompt_mask = pad([torch.ones_like(x) for x in p], padding_value=0, padding_side="left",
-                          pad_to_multiple_of=ptm).to(device)
-        completion_ids_t = pad(c, padding_value=pad_id, padding_side="right", pad_to_multiple_of=ptm).to(device)
-        completion_mask = pad([torch.ones_like(x) for x in c], padding_value=0, padding_side="right",
-                              pad_to_multiple_of=ptm).to(device)
-        eos_and_pad = set(self.eos_token_ids) | {pad_id}
-        attend = []  # TRL's completion_mask: empty completions and (optionally) truncated ones are masked
-        for i in src:
-            ok = i is None or len(completion_ids[i]) > 0
-            if ok and i is not None and self.mask_truncated_completions:
-                ok = completion_ids[i][-1] in eos_and_pad
-            attend.append(ok)
-        completion_mask = completion_mask * torch.tensor(attend, device=device).unsqueeze(1).long()
-        tool_mask = torch.tensor(real, device=device).unsqueeze(1).long().expand_as(completion_mask).contiguous()
-        return {"prompt_ids": prompt_ids_t, "prompt_mask": prompt_mask, "completion_ids": completion_ids_t,
-                "completion_mask": completion_mask, "tool_mask": tool_mask}
+    def _pad_id(self) -> int:
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        return tokenizer.pad_token_id
 
     @torch.no_grad()
     def _add_logps(self, batch, src, real):
         """Reference log-probs (beta != 0) and old log-probs (when a rollout outlives an optimizer step), computed
         once per rollout, for the sequences in the loss only; padding rows copy those of the row they repeat."""
         generate_every = self.args.steps_per_generation * self.num_iterations
-        need_old = self.args.gradient_accumulation_steps % generate_every != 0
+        need_old = (self.args.gradient_accumulation_steps % generate_every != 0
+                    or self.args.rollout_schedule == "epoch")  # the pass outlives its first optimizer step
         if self.beta == 0.0 and not need_old:
             return
         device = self.accelerator.device
@@ -683,21 +661,32 @@ class SparkGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)[rows]
         logits_to_keep = batch["completion_ids"].size(1)
         bs = self.args.per_device_train_batch_size
+        # The same number of forwards on every rank (under FSDP each one gathers parameters collectively): as many
+        # chunks of bs rows as the rank with the most rows needs; a rank with fewer repeats a chunk of its own.
+        n_chunks = self._ranks.max(-(-len(rows) // bs))
 
         def forward(model):
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size=bs)
-            return logps.float()[take]
+            chunks = []
+            for c in range(n_chunks):
+                part = slice(c * bs, (c + 1) * bs) if c * bs < len(rows) else slice(0, min(bs, len(rows)))
+                logps = trl_private.per_token_logps(self, model, input_ids[part], attention_mask[part],
+                                                    logits_to_keep)
+                if c * bs < len(rows):
+                    chunks.append(logps.float())
+            return torch.cat(chunks)[take]
 
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        # Without dropout: the log-probs of the policy that sampled the rollout (generation runs without it). With
+        # dropout active in the loss forward no cached value can match its random mask; computing the old
+        # log-probs with a second, independent mask (as TRL does) would add a second noise to every ratio.
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                dropout_off(self.model):
             if need_old:
-                # Same train-mode forward as the loss's; only used after the policy has changed (see _compute_loss).
+                # Only used after the policy has changed (see _compute_loss).
                 batch["old_per_token_logps"] = forward(self.model)
             if self.beta != 0.0:
                 self.ref_forward_calls += 1
-                # Summed over ranks like every SparkStats figure (each rank has its own rows); all ranks reach
-                # this collective, as beta is the same everywhere.
-                self._stats.ref_forward_sequences += int(self._reduce_sum([sum(real)])[0])
+                # Summed over ranks like every SparkStats figure (each rank has its own rows).
+                self._stats.ref_forward_sequences += int(self._ranks.sum([sum(real)])[0])
                 if self.ref_model is not None:
                     batch["ref_per_token_logps"] = forward(self.ref_model)
                 else:
@@ -710,120 +699,139 @@ class SparkGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         # Wraps GRPOTrainer._compute_loss in training: old log-probs are the current ones (ratio exactly 1) until
-        # the policy changes, and the loss is normalised by the generation batch's global sequence/token count so
-        # that padding rows and uneven ranks change nothing.
+        # the policy changes, and the loss is normalised by the rollout's global sequence/token count so that
+        # padding rows and uneven ranks change nothing.
         if not (self._spark_path and self.model.training and "seq_weight" in inputs):
             if self.loss_type == "spark":  # evaluation batches come from TRL's path: a plain mean over sequences
                 return self._spark_eval_loss(model, inputs)
             return super()._compute_loss(model, inputs)
         if self.state.global_step == self._rollout_global_step:
             inputs = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
-        if self.loss_type == "spark":
-            loss = self._spark_loss(model, inputs)
-        else:
-            n_kl = len(self._metrics["train"]["kl"])
-            loss = super()._compute_loss(model, inputs)
-            if self.loss_type in ("grpo", "sapo", "luspo", "dr_grpo"):
-                # TRL averages over the B rows of the micro-batch; re-weight to the global sequence count.
-                scale = (inputs["prompt_ids"].size(0) * self.accelerator.num_processes * self.args.steps_per_generation
-                         / inputs["num_sequences"].clamp(min=1.0))
-                loss = loss * scale
-            if self.beta != 0.0 and len(self._metrics["train"]["kl"]) > n_kl:
-                tokens = self._reduce_sum([float((inputs["completion_mask"] * inputs["tool_mask"]).sum())])[0]
-                self._stats.kl_sum += self._metrics["train"]["kl"][-1] * tokens
-                self._stats.kl_tokens += int(tokens)
+        loss = self._spark_loss(model, inputs) if self.loss_type == "spark" else self._trl_loss(model, inputs)
         if self._aux_on and self.args.aux_mode == "joint":
             loss = loss + self._joint_aux_loss(model)
         return loss
 
-    def _spark_eval_loss(self, model, inputs):
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        logps, _, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, inputs["completion_ids"].size(1))
-        per_seq, _, _ = spark_policy_loss(
-            logps, logps.detach(), inputs.get("ref_per_token_logps"), inputs["advantages"],
-            inputs["completion_mask"], self.epsilon_low, self.epsilon_high, self.beta)
-        return per_seq.mean()
+    def _sequence_scale(self, inputs) -> float:
+        """The factor that turns a sum of per-sequence losses on this rank into its share of the optimizer step's
+        objective. "batch": the mean over the rollout's N sequences; DDP averages gradients over the P ranks, and
+        the rollout spans steps_per_generation micro-steps of which an optimizer step takes
+        gradient_accumulation_steps. "epoch": set by `_assemble`."""
+        if "sequence_scale" in inputs:
+            return float(inputs["sequence_scale"])
+        return (self.accelerator.num_processes * self.args.steps_per_generation
+                / (self.current_gradient_accumulation_steps * float(inputs["num_sequences"].clamp(min=1.0))))
 
     def _spark_loss(self, model, inputs):
-        """`loss_type="spark"`: see `spark_policy_loss`; normalised over the N sequences of the optimizer step."""
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        logps, _, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention_mask, completion_ids.size(1))
+        """`loss_type="spark"`: `spark_policy_loss` per sequence, summed with `_sequence_scale`."""
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        logps = trl_private.per_token_logps(self, model, input_ids, attention_mask, inputs["completion_ids"].size(1))
         old = inputs.get("old_per_token_logps")
-        mask = completion_mask * inputs["tool_mask"]
+        mask = inputs["completion_mask"] * inputs["tool_mask"]
         per_seq, ratio, kl = spark_policy_loss(
             logps, logps.detach() if old is None else old, inputs.get("ref_per_token_logps"), inputs["advantages"],
             mask, self.epsilon_low, self.epsilon_high, self.beta)
-        # DDP averages gradients over ranks, hence num_processes; the generation batch spans steps_per_generation
-        # micro-steps of which an optimizer step takes gradient_accumulation_steps.
-        norm = (self.accelerator.num_processes * self.args.steps_per_generation
-                / (self.current_gradient_accumulation_steps * inputs["num_sequences"].clamp(min=1.0)))
-        loss = (per_seq * inputs["seq_weight"]).sum() * norm
+        loss = (per_seq * inputs["seq_weight"]).sum() * self._sequence_scale(inputs)
+        self._log_loss_figures(ratio.detach(), None if kl is None else kl.detach(), inputs, mask)
+        return loss
 
-        # Metrics, global over ranks; padding rows are masked out.
-        maskf = mask.float()
-        adv = inputs["advantages"].unsqueeze(1)
-        ratio = ratio.detach()
-        low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
-        high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
-        stats = [float((ratio * maskf).sum()), float(maskf.sum()), float((low * maskf).sum()),
-                 float((high * maskf).sum())]
+    def _log_loss_figures(self, ratio, kl, inputs, mask) -> None:
+        """ratio_mean, clip_ratio/* and both KL averages (token-weighted `kl`, the card's `kl/sequence_mean`),
+        global over ranks in one reduction; padding rows are masked out."""
+        sums = clip_sums(ratio, inputs["advantages"], mask, self.epsilon_low, self.epsilon_high)
         if kl is not None:
-            stats.append(float((kl.detach() * maskf).sum()))
-        red = self._reduce_sum(stats)
+            sums += kl_sums(kl, mask, inputs["seq_weight"])
+        red = self._ranks.sum(sums)
         tok = max(red[1], 1.0)
-        m = self._metrics["train"]
+        m = trl_private.metrics(self)
         m["ratio_mean"].append(red[0] / tok)
         m["clip_ratio/low_mean"].append(red[2] / tok)
         m["clip_ratio/high_mean"].append(red[3] / tok)
         m["clip_ratio/region_mean"].append((red[2] + red[3]) / tok)
         if kl is not None:
-            m["kl"].append(red[4] / tok)
-            self._stats.kl_sum += red[4]
-            self._stats.kl_tokens += int(red[1])
+            kl_token_sum, kl_tokens, kl_seq_sum, kl_seqs = red[4:8]
+            m["kl"].append(kl_token_sum / max(kl_tokens, 1.0))
+            if kl_seqs:
+                m["kl/sequence_mean"].append(kl_seq_sum / kl_seqs)  # the reference card's "GRPO KL"
+            self._stats.kl_sum += kl_token_sum
+            self._stats.kl_tokens += int(kl_tokens)
+            self._stats.kl_seq_sum += kl_seq_sum
+            self._stats.kl_seqs += int(kl_seqs)
+
+    def _trl_loss(self, model, inputs):
+        """TRL's loss types, re-weighted from TRL's per-micro-batch mean to the rollout's global normalisation."""
+        metrics = trl_private.metrics(self)
+        n_kl = len(metrics["kl"])
+        loss = super()._compute_loss(model, inputs)
+        if self.loss_type in ("grpo", "sapo", "luspo", "dr_grpo"):
+            # TRL averages over the B rows of the micro-batch and divides by the accumulation steps.
+            loss = loss * inputs["prompt_ids"].size(0) * self.current_gradient_accumulation_steps \
+                * self._sequence_scale(inputs)
+        if self.beta != 0.0 and len(metrics["kl"]) > n_kl:
+            tokens = self._ranks.sum([float((inputs["completion_mask"] * inputs["tool_mask"]).sum())])[0]
+            self._stats.kl_sum += metrics["kl"][-1] * tokens
+            self._stats.kl_tokens += int(tokens)
         return loss
+
+    def _spark_eval_loss(self, model, inputs):
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        logps = trl_private.per_token_logps(self, model, input_ids, attention_mask, inputs["completion_ids"].size(1))
+        per_seq, _, _ = spark_policy_loss(
+            logps, logps.detach(), inputs.get("ref_per_token_logps"), inputs["advantages"],
+            inputs["completion_mask"], self.epsilon_low, self.epsilon_high, self.beta)
+        return per_seq.mean()
 
     # ------------------------------------------------------------------------------------------------ auxiliary
 
-    def _prepare_joint_aux(self, rollouts: list[Rollout]):
-        examples = [e for e in self.aux_objective.build(rollouts) if e.weight > 0]
-        self._count_aux_examples(examples)
+    def _build_aux_examples(self, rollouts: list[Rollout]) -> list:
+        objective = self.aux_objective
+        if "ranks" in inspect.signature(objective.build).parameters:
+            examples = objective.build(rollouts, ranks=self._ranks)
+        else:
+            examples = objective.build(rollouts)
+        return [e for e in examples if e.weight > 0]
+
+    def _prepare_joint_aux(self, rollouts: list[Rollout], n_micro: int):
+        """At most aux_batch_size examples per micro-step, so that memory is bounded whatever the rollout yields;
+        the rest are left unused (counted)."""
+        examples = self._build_aux_examples(rollouts)
         random.Random(self.args.seed + self._group_counter).shuffle(examples)
-        spg = self.args.steps_per_generation
-        self._joint_aux_batches = [examples[j::spg] for j in range(spg)]
+        bs = self.args.aux_batch_size
+        self._joint_aux_batches = [examples[j * bs:(j + 1) * bs] for j in range(n_micro)]
+        used = examples[:n_micro * bs]
+        self._count_aux_examples(used)
+        self._stats.aux_examples_unused += int(self._ranks.sum([len(examples) - len(used)])[0])
 
     def _count_aux_examples(self, examples):
         counts = Counter(e.kind for e in examples)
-        kinds = sorted(set(counts) | {"pointwise", "pairwise", "reflection"})
-        if self.accelerator.num_processes > 1:
-            kinds = sorted({k for lst in gather_object([kinds]) for k in lst})
-        for kind, total in zip(kinds, self._reduce_sum([counts.get(k, 0) for k in kinds])):
+        kinds = self._ranks.union(set(counts) | {"pointwise", "pairwise", "reflection"})
+        for kind, total in zip(kinds, self._ranks.sum([counts.get(k, 0) for k in kinds])):
             if total:
                 self._stats.aux_examples[kind] += int(total)
 
     def _joint_aux_loss(self, model):
-        batch = self._joint_aux_batches[self._step % self.args.steps_per_generation] if self._joint_aux_batches else []
-        aux = 0.0
-        if batch:
-            # The unwrapped model: a second forward through the DDP wrapper before one backward is not allowed;
-            # the gradients still reach the shared parameters and are reduced with the GRPO loss's.
-            aux = self.aux_objective.loss(self.accelerator.unwrap_model(model), batch)
-        # Every rank gets here once per micro-step: the figures are averaged over the ranks that had a batch.
-        total, count = self._reduce_sum([float(aux.detach()) if batch else 0.0, 1.0 if batch else 0.0])
-        if count:
-            self._stats.aux_loss_sum += total / count
-            self._stats.aux_steps += 1
-            self._metrics["train"]["aux/loss"].append(total / count)
-        if not batch:
+        """The auxiliary loss of this micro-step's examples. Whenever any rank has examples every rank runs one
+        forward (a weight-0 dummy example where it has none): under FSDP a forward gathers parameters collectively.
+        Under DDP the forward goes through the unwrapped model (a second forward through the DDP wrapper before
+        one backward is not allowed); the gradients still reach the shared parameters and are reduced with the
+        GRPO loss's. Under FSDP it goes through the wrapped model, whose root unit gathers the parameters."""
+        pos = self._position
+        if pos >= len(self._micro_aux_rows) or not self._micro_aux_rows[pos]:
             return 0.0
+        batch = self._joint_aux_batches[pos] if pos < len(self._joint_aux_batches) else []
+        aux_model = model if self.is_fsdp_enabled else self.accelerator.unwrap_model(model)
+        aux = self.aux_objective.loss(aux_model, batch or [self.aux_objective.dummy_example()])
+        # The figures are averaged over the ranks that had a batch.
+        total, count = self._ranks.sum([float(aux.detach()) if batch else 0.0, 1.0 if batch else 0.0])
+        self._stats.aux_loss_sum += total / count
+        self._stats.aux_steps += 1
+        trl_private.metrics(self)["aux/loss"].append(total / count)
         # DDP averages gradients over all ranks; rescale so that the result is the mean over the ranks that had
         # a batch (a rank without one would otherwise halve the weight of the others' examples).
-        rescale = self.accelerator.num_processes / count
-        return self.args.aux_loss_scale * rescale * aux / self.current_gradient_accumulation_steps
+        weight = self.accelerator.num_processes / count if batch else 0.0
+        return self.args.aux_loss_scale * weight * aux / self.current_gradient_accumulation_steps
 
     def _run_aux_phase(self):
         """One auxiliary epoch over this epoch's rollouts (the study's Condition C), with the trainer's optimizer.
@@ -832,19 +840,17 @@ class SparkGRPOTrainer(GRPOTrainer):
         whose zero loss still joins the gradient all-reduce. No step is taken when no rank has an example.
         """
         objective = self.aux_objective
-        examples = [e for e in objective.build(self._epoch_rollouts) if e.weight > 0]
-        self._epoch_rollouts = []
+        examples = self._build_aux_examples(self._epoch_rollouts)
         self._count_aux_examples(examples)
+        self._epoch_rollouts = []
         random.Random(self.args.seed + int(self.state.epoch or 0)).shuffle(examples)
         bs = self.args.aux_batch_size
         batches = [examples[i:i + bs] for i in range(0, len(examples), bs)]
-        n_steps = self._reduce_max(len(batches))
+        n_steps = self._ranks.max(len(batches))
         if n_steps == 0:
             return
         model = self.model_wrapped
         model.train()
-        optimizer = self.optimizer
-        scale = self.args.aux_loss_scale
         loss_sum, steps = 0.0, 0
         for step in range(n_steps):
             if step < len(batches):
@@ -854,97 +860,81 @@ class SparkGRPOTrainer(GRPOTrainer):
             # DDP averages gradients over all ranks: make the step the mean over the ranks with a real batch,
             # not a mean diluted by the weight-0 padding batches of ranks that ran out of examples.
             if self.accelerator.num_processes > 1:
-                (real,) = self._reduce_sum([weight])
+                (real,) = self._ranks.sum([weight])
                 weight *= self.accelerator.num_processes / max(real, 1.0)
             with self.accelerator.autocast():
                 aux = objective.loss(model, batch)
-            self.accelerator.backward(aux * scale * weight)
+            self.accelerator.backward(aux * self.args.aux_loss_scale * weight)
             if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
             if weight:
                 loss_sum += float(aux.detach())
                 steps += 1
         # Global figures: the mean over every rank's real batches, and the number of optimizer steps taken.
-        loss_sum, steps = self._reduce_sum([loss_sum, steps])
+        loss_sum, steps = self._ranks.sum([loss_sum, steps])
         self._stats.aux_loss_sum += loss_sum * n_steps / max(steps, 1)
         self._stats.aux_steps += n_steps
 
 
-def spark_policy_loss(logps, old_logps, ref_logps, advantages, mask, epsilon_low=0.2, epsilon_high=0.2, beta=0.0):
-    r"""The study's per-sequence loss (PPO-clip surrogate plus the k3 KL estimator), as in the GRPO paper:
-
-        r_t   = exp(logp_t - logp_old_t)
-        k3_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
-        L_i   = 1/|o_i| sum_t [ -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_t ]
-
-    The KL is the plain k3 estimator: no importance-ratio correction (TRL's `use_bias_correction_kl`).
-    Returns (L_i of shape (B,), r of shape (B, T), k3 of shape (B, T) or None when beta == 0).
-
-    Example:
-    ```python
-    >>> logps = torch.log(torch.tensor([[0.5, 0.25]]))
-    >>> loss, ratio, kl = spark_policy_loss(logps, logps, None, torch.tensor([1.0]), torch.ones(1, 2))
-    >>> float(loss[0]), float(ratio.mean())
-    (-1.0, 1.0)
-    ```
-    """
-    adv = advantages.unsqueeze(1)
-    ratio = torch.exp(logps - old_logps)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
-    kl = None
-    if beta != 0.0:
-        delta = ref_logps - logps
-        kl = torch.exp(delta) - delta - 1
-        per_token = per_token + beta * kl
-    maskf = mask.to(per_token.dtype)
-    per_seq = (per_token * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)
-    return per_seq, ratio, kl
+def _group_rows(inputs: list[dict], k0: int) -> list[dict]:
+    """One dataset row per group: TRL's sampler repeats each row `k0` times in a row."""
+    rows = [inputs[i] for i in range(0, len(inputs), k0)]
+    for g, row in enumerate(rows):
+        if any(inputs[g * k0 + j]["prompt"] != row["prompt"] for j in range(k0)):
+            raise RuntimeError("a generation batch must hold whole groups of min_generations identical prompts")
+    return rows
 
 
-def group_advantages(rewards: torch.Tensor, group_of: torch.Tensor, std: str = "population", epsilon: float = 1e-8,
-                     threshold: float = 1e-8, scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages z-scored within each group (groups may differ in size), and which groups have no variance.
+def _uses_deepspeed(args) -> bool:
+    import os
 
-    A group whose finite rewards have population std <= `threshold` gets zero advantages; NaN rewards (no reward
-    function scored the completion) get zero and are left out of the group's mean and std.
-
-    Example:
-    ```python
-    >>> adv, flat = group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 2.0]), torch.tensor([0, 0, 0, 0, 1, 1]))
-    >>> [round(a, 4) for a in adv.tolist()], flat.tolist()
-    ([1.0, -1.0, 1.0, -1.0, 0.0, 0.0], [False, True])
-    ```
-    """
-    n_groups = int(group_of.max()) + 1 if group_of.numel() else 0
-    advantages = torch.zeros_like(rewards, dtype=torch.float32)
-    no_variance = torch.zeros(n_groups, dtype=torch.bool)
-    for g in range(n_groups):
-        idx = (group_of == g).nonzero(as_tuple=True)[0]
-        r = rewards[idx].float()
-        no_variance[g] = _group_std(r, "population") <= threshold
-        if no_variance[g]:
-            continue
-        adv = r - torch.nanmean(r)
-        if scale:
-            adv = adv / (_group_std(r, std) + epsilon)
-        advantages[idx] = torch.nan_to_num(adv, nan=0.0)
-    return advantages, no_variance
+    return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
+        "1", "true", "yes")
 
 
-def _required_columns(reward_func) -> tuple[str, ...]:
-    """Dataset columns a reward function declares it reads (`required_columns`, as ExecutionReward does)."""
-    return tuple(getattr(reward_func, "required_columns", None) or ())
+def _check_columns(reward_funcs, train_dataset, aux_objective) -> None:
+    """The dataset columns that the reward functions (`required_columns`, as ExecutionReward declares them) and the
+    auxiliary objective read."""
+    columns = getattr(train_dataset, "column_names", None)
+    if columns is None:
+        return
+    funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+    needs = [(getattr(f, "__name__", type(f).__name__), tuple(getattr(f, "required_columns", None) or ()))
+             for f in funcs if f is not None and not isinstance(f, str)]
+    if aux_objective is not None:
+        needs.append((type(aux_objective).__name__, tuple(aux_objective.required_columns)))
+    for name, required in needs:
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise ValueError(f"The train dataset lacks the column(s) {missing} that {name} needs (it has {columns}). "
+                             "Build it with spark_trl.data.to_grpo_dataset.")
 
 
-def _group_std(r: torch.Tensor, kind: str) -> float:
-    """Std of a group's finite rewards: population (divide by n) or sample (n - 1); 0 with fewer than 2."""
-    r = r[~torch.isnan(r)]
-    if r.numel() < 2:
-        return 0.0
-    return float(r.double().std(correction=0 if kind == "population" else 1))
+@contextlib.contextmanager
+def dropout_off(model):
+    """Dropout modules in eval mode (no dropout) for the duration, the rest of the model as it is."""
+    kinds = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+             torch.nn.FeatureAlphaDropout)
+    switched = [m for m in model.modules() if isinstance(m, kinds) and m.training]
+    for m in switched:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.train()
+
+
+def _without_weight(micro: dict) -> dict:
+    """A copy of a micro-batch in which no row counts (for a micro-step after the end of the pass)."""
+    return {**micro, "seq_weight": torch.zeros_like(micro["seq_weight"]),
+            "tool_mask": torch.zeros_like(micro["tool_mask"])}
+
+
+def _gathered(ranks: Ranks, values: list) -> list:
+    return [v for part in ranks.gather(list(values)) for v in part]
 
 
 def _text(completion) -> str:

@@ -30,6 +30,9 @@ from spark_trl.testing import PromptKeyedReward
 # 'late' is flat in its first reward call and varies afterwards (topped up once, to 6). So in step 1 rank 0
 # needs two top-up rounds for both groups and has nothing in the loss, while rank 1 needs one round for one group.
 TASKS = ["flat1", "flat2", "vary1", "late1", "vary2", "late2", "flat3", "vary3"]
+# rollout_schedule="epoch": 7 problems, so rank 0 takes 4 (positions 0, 2, 4, 6) and rank 1 takes 3; rank 0's groups
+# put 4 + 6 + 4 = 14 sequences in the loss (4 optimizer steps of 2 x 2), rank 1's 4 + 6 = 10 (3 steps).
+EPOCH_TASKS = ["vary1", "flat1", "late1", "vary2", "flat2", "late2", "vary3"]
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -44,7 +47,7 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def train(model_path: str, out: Path, joint: bool = False) -> None:
+def train(model_path: str, out: Path, joint: bool = False, epoch: bool = False) -> None:
     from datasets import Dataset
     from peft import LoraConfig
 
@@ -64,7 +67,10 @@ def train(model_path: str, out: Path, joint: bool = False) -> None:
                     for r in rollouts if r.reward > 0]
 
     class CapturingTrainer(SparkGRPOTrainer):
-        """Keeps the generation batch of the first optimizer step (the real method's output)."""
+        """Keeps the generation batch of the first optimizer step (the real method's output), and tells apart the
+        forwards of generation from the others."""
+
+        generating = False
 
         def _generate_and_score_completions(self, inputs):
             batch = super()._generate_and_score_completions(inputs)
@@ -72,22 +78,31 @@ def train(model_path: str, out: Path, joint: bool = False) -> None:
                 self.first_batch = {k: v.detach().cpu() for k, v in batch.items() if torch.is_tensor(v)}
             return batch
 
+        def _generate_round(self, prompts, per_prompt):
+            self.generating = True
+            try:
+                return super()._generate_round(prompts, per_prompt)
+            finally:
+                self.generating = False
+
     class GradientProbe(TrainerCallback):
         """The accumulated, all-reduced gradient of the first optimizer step, just before the optimizer uses it."""
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if state.global_step == 0:
+                grads["calls_before_first_step"] = len(reward.calls)
                 grads["step1"] = {n: p.grad.detach().float().cpu().clone()
                                   for n, p in model.named_parameters() if p.requires_grad}
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == args.max_steps:  # before the epoch's auxiliary phase
+            if state.global_step == args.max_steps and args.max_steps > 0:  # before the epoch's auxiliary phase
                 grads["digest_before_aux"] = _digest(_trainable_state(model))
 
     grads: dict = {}
-    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Solve task {t}."}] for t in TASKS],
-                                 "task_id": TASKS})
-    args = SparkGRPOConfig(
+    tasks = EPOCH_TASKS if epoch else TASKS
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Solve task {t}."}] for t in tasks],
+                                 "task_id": tasks})
+    settings = dict(
         output_dir=str(out / "trainer"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
         disable_tqdm=True, logging_steps=1, seed=0, shuffle_dataset=False, max_completion_length=6,
         per_device_train_batch_size=4, learning_rate=5e-2,
@@ -99,6 +114,10 @@ def train(model_path: str, out: Path, joint: bool = False) -> None:
         lr_scheduler_type="constant",  # a linear decay would reach 0 before the auxiliary phase at the epoch's end
         top_up_mode="prefetch" if joint else "rounds",
     )
+    if epoch:  # the study's schedule: one epoch, an optimizer step every 2 x 2 sequences per process
+        settings.update(rollout_schedule="epoch", max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2,
+                        gradient_accumulation_steps=2, aux_loss_scale=0.0)
+    args = SparkGRPOConfig(**settings)
     reward = PromptKeyedReward()
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                       task_type="CAUSAL_LM")
@@ -108,14 +127,18 @@ def train(model_path: str, out: Path, joint: bool = False) -> None:
     rank = trainer.accelerator.process_index
     assert trainer.accelerator.num_processes == 2, "launch with 2 processes"
 
-    # Count the passes that build a graph (the loss forwards; generation and the reference run without grad) and
+    # Count the passes that build a graph (the loss and auxiliary forwards), the other forwards outside generation
+    # (reference and old log-probs, per optimizer step: under FSDP each one gathers parameters collectively) and
     # the backward passes (a hook on one trainable parameter's gradient fires once per backward).
     model = trainer.accelerator.unwrap_model(trainer.model)
-    counts = {"forward": 0, "backward": 0}
+    counts = {"forward": 0, "backward": 0, "nograd_by_step": {}}
 
     def on_forward(module, inputs, output):
         if torch.is_grad_enabled():
             counts["forward"] += 1
+        elif not trainer.generating:
+            step = str(trainer.state.global_step)
+            counts["nograd_by_step"][step] = counts["nograd_by_step"].get(step, 0) + 1
 
     model.register_forward_hook(on_forward)
     first = next(p for p in model.parameters() if p.requires_grad)
@@ -132,21 +155,46 @@ def train(model_path: str, out: Path, joint: bool = False) -> None:
         "reward_calls": reward.calls,
         "forward": counts["forward"],
         "backward": counts["backward"],
+        "nograd_by_step": counts["nograd_by_step"],
+        "calls_before_first_step": grads.get("calls_before_first_step"),
         "micro_steps": trainer._step,
         "global_step": trainer.state.global_step,
         "param_digest": _digest(after),
         "param_digest_before": _digest(before),
-        "param_digest_before_aux": grads["digest_before_aux"],
+        "param_digest_before_aux": grads.get("digest_before_aux"),
         "moved": any(not torch.equal(before[n], after[n]) for n in before),
         "log_history": trainer.state.log_history,
         "spark_stats": trainer.spark_stats_history,
     }
-    suffix = "_joint" if joint else ""
+    suffix = "_joint" if joint else "_epoch" if epoch else ""
     (out / f"rank{rank}{suffix}.json").write_text(json.dumps(report, default=str))
-    if joint:
+    if joint or epoch:
         return
     # For the test's single-process recomputation of the first step's gradient.
     torch.save({"init": before, "batch": trainer.first_batch, "grads": grads["step1"]}, out / f"rank{rank}.pt")
+
+
+def aux_caps(model_path: str, out: Path) -> None:
+    """The built-in objective's caps hold over all processes: rank 0 has 6 reflection candidates (3 groups x the
+    first 2 failing rollouts), rank 1 has 2; with a cap of 5, the two ranks together keep 5."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    from spark_trl.collectives import Ranks
+    from spark_trl.outcome import ExecutionOutcome, Status
+    from spark_trl.recycling import RecyclingObjective, Rollout
+
+    ranks = Ranks(Accelerator(cpu=True))
+    groups = 3 if ranks.rank == 0 else 1
+    rollouts = [Rollout(prompt=f"task {g}", completion="x", reward=0.0, advantage=0.0, group=g,
+                        outcome=ExecutionOutcome(status=Status.WRONG_ANSWER, code=f"def f():\n    return {g}{i}",
+                                                 error_tail="AssertionError"),
+                        row={"reference": "def f():\n    return 1"})
+                for g in range(groups) for i in range(4)]
+    objective = RecyclingObjective(AutoTokenizer.from_pretrained(model_path), caps={"reflection": 5},
+                                   max_length=4096)
+    kept = [len(objective.build(rollouts, ranks=ranks)) for _ in range(3)]
+    (out / f"aux_caps_rank{ranks.rank}.json").write_text(json.dumps({"kept": kept, "candidates": 2 * groups}))
 
 
 def evaluate(model_path: str, out: Path) -> None:
@@ -201,5 +249,6 @@ def recipe(model_path: str, out: Path) -> None:
 if __name__ == "__main__":
     modes, model_path, out_dir = sys.argv[1:4]
     for mode in modes.split(","):
-        {"train": train, "train_joint": lambda m, o: train(m, o, joint=True), "eval": evaluate,
+        {"train": train, "train_joint": lambda m, o: train(m, o, joint=True),
+         "train_epoch": lambda m, o: train(m, o, epoch=True), "aux_caps": aux_caps, "eval": evaluate,
          "recipe": recipe}[mode](model_path, Path(out_dir))

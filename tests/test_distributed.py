@@ -55,7 +55,7 @@ def reports(tiny_model_path, tmp_path_factory, mbpp_path):
     env = {**os.environ, "SPARK_TRL_MBPP": str(mbpp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           "train,train_joint,eval,recipe", tiny_model_path, str(out)]
+           "train,train_joint,train_epoch,aux_caps,eval,recipe", tiny_model_path, str(out)]
     # Own session, so that on a timeout the launcher and both ranks are killed together.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -70,6 +70,8 @@ def reports(tiny_model_path, tmp_path_factory, mbpp_path):
     return {
         "train": [load((out / f"rank{r}.json").read_text()) for r in (0, 1)],
         "joint": [load((out / f"rank{r}_joint.json").read_text()) for r in (0, 1)],
+        "epoch": [load((out / f"rank{r}_epoch.json").read_text()) for r in (0, 1)],
+        "aux_caps": [load((out / f"aux_caps_rank{r}.json").read_text()) for r in (0, 1)],
         "eval": [load((out / f"eval_rank{r}.json").read_text()) for r in (0, 1)],
         "samples": [load(line) for line in (out / "heldout.samples.jsonl").read_text().splitlines()],
         "run": out / "run",
@@ -91,6 +93,10 @@ def test_ranks_with_different_top_ups_finish_in_lockstep(reports):
     # 3 examples (2 batches) and rank 1 has 5 (3 batches).
     for r in (r0, r1):
         assert (r["global_step"], r["micro_steps"], r["forward"], r["backward"]) == (2, 4, 7, 7)
+    # The reference forwards (no gradient) too, step by step, although rank 0 has 0 sequences in step 1 and 10 in
+    # step 2, rank 1 the reverse: ceil(10 / 4) = 3 chunks of per_device_train_batch_size rows on both, each step
+    # (under FSDP every forward gathers parameters collectively: an uneven count would hang).
+    assert r0["nograd_by_step"] == r1["nograd_by_step"] == {"0": 3, "1": 3}
     # DDP kept the replicas identical, after the GRPO steps and after the auxiliary phase, which moved them too.
     assert r0["param_digest_before"] == r1["param_digest_before"]
     assert r0["param_digest_before_aux"] == r1["param_digest_before_aux"]
@@ -102,9 +108,10 @@ def test_ranks_with_different_top_ups_finish_in_lockstep(reports):
 def test_joint_auxiliary_loss_two_steps_per_generation_and_prefetched_top_ups(reports):
     """aux_mode='joint' with steps_per_generation=2 and no accumulation: every micro-step is an optimizer step and
     the second one over a rollout uses cached old log-probs; top_up_mode='prefetch' samples max_generations per
-    prompt in one round (a collective call on every rank) and reveals top-ups from the spares. The ranks' auxiliary batches differ (rank 0 has none
-    for the first rollout), so their forward counts differ, yet they run the same backward passes, log the same
-    values and end with identical parameters."""
+    prompt in one round (a collective call on every rank) and reveals top-ups from the spares. The ranks'
+    auxiliary batches differ (rank 0 has none for the first rollout), yet both run one auxiliary forward per
+    micro-step (a weight-0 dummy example on a rank without any: under FSDP a forward is collective), the same
+    backward passes, log the same values and end with identical parameters."""
     r0, r1 = reports["joint"]
     # The reward sees the same groups and top-ups as with generation rounds.
     assert r0["reward_calls"] == reports["train"][0]["reward_calls"]
@@ -114,7 +121,8 @@ def test_joint_auxiliary_loss_two_steps_per_generation_and_prefetched_top_ups(re
     assert all(h["spark/generated_tokens"] > h["spark/completion_tokens"] for h in steps)  # the unused spares
     assert (r0["global_step"], r0["micro_steps"], r0["backward"]) == (r1["global_step"], r1["micro_steps"],
                                                                       r1["backward"]) == (4, 4, 4)
-    assert (r0["forward"], r1["forward"]) == (4 + 2, 4 + 4)  # GRPO forwards + joint auxiliary forwards
+    assert (r0["forward"], r1["forward"]) == (4 + 4, 4 + 4)  # GRPO forwards + joint auxiliary forwards
+    assert r0["nograd_by_step"] == r1["nograd_by_step"]
     assert r0["param_digest"] == r1["param_digest"] and r0["moved"]
     for a, b in zip(r0["log_history"], r1["log_history"]):
         assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {
@@ -241,3 +249,28 @@ def test_recipe_study_runs_on_two_processes(reports):
             lines = (run / "eval" / f"iter{it}" / f"{bench}.samples.jsonl").read_text().splitlines()
             samples = sorted((json.loads(x)["task_id"], json.loads(x)["sample"]) for x in lines)
             assert len(samples) == 6 and len({t for t, _ in samples}) == 3  # 3 problems x 2 samples, once each
+
+
+def test_epoch_schedule_with_uneven_ranks_stays_in_lockstep(reports):
+    """rollout_schedule="epoch" over 7 problems: rank 0 gets 4 (14 sequences in the loss), rank 1 gets 3 (10).
+    Both sample their whole epoch before the first optimizer step, then run the same 4 optimizer steps (rank 1's
+    last one on padding rows), the same forwards (reference and old log-probs included) and backwards, and end
+    with identical parameters and statistics."""
+    r0, r1 = reports["epoch"]
+    for r in (r0, r1):
+        assert r["calls_before_first_step"] == len(r["reward_calls"])  # all rollouts first
+    seen = sorted({t for r in (r0, r1) for call in r["reward_calls"] for t in call})
+    assert seen == sorted(["vary1", "flat1", "late1", "vary2", "flat2", "late2", "vary3"])
+    assert r0["spark_stats"] == r1["spark_stats"]
+    epoch = r0["spark_stats"][-1]
+    assert (epoch["sequences_in_loss"], epoch["optimizer_steps"]) == (24, 4)
+    assert (r0["micro_steps"], r0["forward"], r0["backward"]) == (r1["micro_steps"], r1["forward"], r1["backward"])
+    assert r0["forward"] == 8 and r0["nograd_by_step"] == r1["nograd_by_step"]
+    assert r0["global_step"] == r1["global_step"] and r0["param_digest"] == r1["param_digest"] and r0["moved"]
+
+
+def test_auxiliary_caps_hold_over_all_processes(reports):
+    """A cap of 5 reflection examples with 6 candidates on rank 0 and 2 on rank 1: 5 in all, every build."""
+    r0, r1 = reports["aux_caps"]
+    assert (r0["candidates"], r1["candidates"]) == (6, 2)
+    assert [a + b for a, b in zip(r0["kept"], r1["kept"])] == [5, 5, 5]

@@ -51,7 +51,10 @@ def test_recipe_matches_the_reference_card(name):
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     assert args.optim == "adamw_torch" and args.learning_rate == 5e-6 and args.weight_decay == 0.01
     assert args.lr_scheduler_type == "constant"
-    assert args.gradient_accumulation_steps == 4 and args.epsilon == 0.2 and args.max_grad_norm == 1.0
+    # The study's schedule: all rollouts of an iteration, then an optimizer step every 4 sequences in the loss.
+    assert args.rollout_schedule == "epoch"
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 4
+    assert args.epsilon == 0.2 and args.max_grad_norm == 1.0
     assert (args.min_generations, args.max_generations, args.num_generations) == (4, 8, 4)
     assert (args.temperature, args.top_p, args.max_completion_length) == (1.0, 0.98, 512)
     assert (study.syntax_penalty, study.runtime_penalty, study.timeout_penalty, study.wrong_answer_floor) == (

@@ -70,7 +70,10 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
 
 
 def _argv(model, out, mbpp, *extra):
-    return ["--model_name_or_path", str(model), "--output_dir", str(out), "--mbpp_path", str(mbpp),
+    # The on-policy schedule: one optimizer step per problem, so that the steps these tests stop, kill and resume
+    # at exist whatever the rewards (the tiny model's 4-token completions never pass, so under the study's epoch
+    # schedule every iteration would be a single step without gradient).
+    return ["--rollout_schedule", "batch", "--steps_per_generation", "1", "--model_name_or_path", str(model), "--output_dir", str(out), "--mbpp_path", str(mbpp),
             "--max_train_problems", "2", "--iterations", "2", "--load_in_4bit", "false", "--dtype", "float32",
             "--eval_limit", "1", "--eval_n_samples", "2", "--eval_max_new_tokens", "4", "--eval_batch_size", "4",
             "--max_completion_length", "4", "--gradient_checkpointing", "false", "--use_cpu", "true",

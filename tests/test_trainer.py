@@ -92,19 +92,40 @@ def test_steps_per_generation_and_accumulation_use_every_kept_row_once(tiny_mode
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
 
 
-def test_all_groups_flat_still_steps_with_zero_loss(tiny_model_path, tmp_path):
-    """No group has variance: nothing is in the loss, yet every micro-step runs one forward/backward on a
-    zero-weight row (as every rank must under DDP) and the loss is exactly 0."""
-    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=1,
-                 loss_type="spark", beta=0.1, min_generations=4, max_generations=6)
+def test_an_optimizer_step_without_gradient_is_skipped(tiny_model_path, tmp_path):
+    """Step 1 has a group with variance; step 2 only a group without (nothing in the loss on any rank): step 2 runs
+    no forward, no backward and no optimizer update, so AdamW's momentum and weight decay leave the weights exactly
+    as step 1 left them (a zero-gradient AdamW step would still move them), and it is counted as skipped."""
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def __init__(self):
+            self.params = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.params.append(torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]))
+
+    snapshots = Snapshots()
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=2,
+                 loss_type="spark", beta=0.1, min_generations=4, max_generations=6, learning_rate=1e-2,
+                 weight_decay=0.1)
     trainer = CapturingTrainer(model=tiny_model_path, reward_funcs=PromptKeyedReward(), args=args,
-                               train_dataset=_dataset(["flat"]))
+                               train_dataset=_dataset(["vary", "flat"]), callbacks=[snapshots])
+    forwards = []
+    trainer.model.register_forward_hook(lambda m, i, o: forwards.append(trainer.state.global_step)
+                                        if torch.is_grad_enabled() else None)
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters() if p.requires_grad])
     trainer.train()
-    batch = trainer.captured[0]
-    assert batch["seq_weight"].tolist() == [0.0] and int(batch["num_sequences"]) == 0
-    assert trainer.ref_forward_calls == 1 and trainer.spark_stats_history[-1]["ref_forward_sequences"] == 0
-    assert trainer.state.log_history[0]["loss"] == 0.0
-    assert trainer.spark_stats_history[-1]["group_sizes"] == {6: 1}
+    assert not torch.equal(snapshots.params[0], before)  # step 1 moved the weights
+    assert torch.equal(snapshots.params[1], snapshots.params[0])  # step 2 did not: not even weight decay
+    assert forwards == [0]  # one loss forward, in step 1
+    stats = trainer.spark_stats_history[-1]
+    assert (stats["optimizer_steps"], stats["optimizer_steps_skipped"]) == (1, 1)
+    assert trainer.ref_forward_calls == 1 and stats["ref_forward_sequences"] == 4  # none for the empty batch
+    assert int(trainer.captured[1]["num_sequences"]) == 0 and stats["group_sizes"] == {4: 1, 6: 1}
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[1]["loss"] == 0.0 and logs[1]["spark/optimizer_step_skipped"] == 1.0
+    assert "spark/optimizer_step_skipped" not in logs[0]
 
 
 def test_peft_4bit_bitsandbytes_on_cpu(tiny_model_path, tmp_path):
@@ -205,7 +226,7 @@ def test_spark_rollout_engine_glue(tiny_model_path, tmp_path, monkeypatch):
                                train_dataset=_dataset(["vary", "flat"]))
     calls["sync"] = 0  # the engine may sync when it is built; count the trainer's calls
     trainer.train()
-    assert isinstance(trainer._engine, CountingEngine)
+    assert isinstance(trainer.rollout_engine, CountingEngine)
     # step 1: vary (4), step 2: flat (4, grown twice by 2)
     assert calls["generate"] == [4, 4, 2, 2]
     assert calls["sync"] == 2
@@ -245,3 +266,78 @@ def test_impossible_group_sizes_fail_at_config_time(tmp_path, sizes, message):
 
     with pytest.raises(ValueError, match=message):
         SparkGRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **sizes)
+
+
+def test_every_problem_of_an_epoch_is_trained_on(tiny_model_path, tmp_path):
+    """6 problems, 4 prompts per generation batch: TRL's sampler would drop the last 2 problems of every epoch; here
+    the last generation batch holds them plus the first 2 of the epoch's permutation."""
+    reward = PromptKeyedReward()
+    names = [f"vary{i}" for i in range(6)]
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2,
+                 min_generations=2, max_generations=2, loss_type="spark", shuffle_dataset=True)
+    trainer = SparkGRPOTrainer(model=tiny_model_path, reward_funcs=reward, args=args, train_dataset=_dataset(names))
+    trainer.train()
+    assert trainer.state.global_step == 4  # 2 epochs of 2 generation batches, one optimizer step each
+    for epoch in (reward.calls[:2], reward.calls[2:]):
+        seen = [t for call in epoch for t in call[::2]]  # one entry per group
+        assert len(seen) == 8 and set(seen) == set(names)
+        assert seen[6:] == seen[:2]  # the remainder batch is filled from the start of the same permutation
+
+
+def test_reward_log_extra_columns_reach_the_completions_table(tiny_model_path, tmp_path):
+    """ExecutionReward reports each completion's execution status through TRL's `log_extra`; like TRL, the trainer
+    puts it in the completions table beside the prompts (one value per completion, top-up rounds included), and
+    averages its `log_metric` figures."""
+    from spark_trl import trl_private
+    from spark_trl.data import to_grpo_dataset
+    from spark_trl.outcome import Status
+    from spark_trl.problems import load_builtin
+    from spark_trl.reward import ExecutionReward
+
+    reward = ExecutionReward(timeout=5.0)
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=1,
+                 loss_type="spark", log_completions=True, max_generations=8)
+    trainer = SparkGRPOTrainer(model=tiny_model_path, reward_funcs=reward, args=args,
+                               train_dataset=to_grpo_dataset(load_builtin("train")[:1]))
+    trainer.train()
+    logs = trl_private.completion_logs(trainer)
+    n = trainer.spark_stats_history[-1]["rollouts"]
+    statuses = list(logs["extra"]["execution_status"])
+    # TRL's table keeps the last generation_batch_size (4) rows; the top-ups made 8 completions.
+    assert n == 8 and len(statuses) == len(logs["prompt"]) == len(logs["advantages"]) == 4
+    assert set(statuses) <= {s.value for s in Status}
+    assert any(k.startswith("execution/") for h in trainer.state.log_history for k in h)
+
+
+@pytest.mark.parametrize("disable_dropout", [False, True])
+def test_old_log_probs_are_the_sampling_policy_s_without_dropout(tiny_model_path, tmp_path, disable_dropout):
+    """A rollout serving two optimizer steps (num_iterations=2) caches old log-probs. They are those of the policy
+    that sampled (no dropout: generation runs without it), whatever the LoRA dropout (0.5 here, with a random
+    non-zero adapter so that dropout matters). With lr 0 and TRL's `disable_dropout=True` the ratio on the cached
+    step is then exactly 1; with dropout active only the loss forward's own mask moves it."""
+    from peft import LoraConfig
+
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, num_iterations=2,
+                 max_steps=2, loss_type="spark", learning_rate=0.0, disable_dropout=disable_dropout)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+                      task_type="CAUSAL_LM", init_lora_weights=False)
+    trainer = CapturingTrainer(model=tiny_model_path, reward_funcs=PromptKeyedReward(), args=args,
+                               train_dataset=_dataset(["vary"]), peft_config=lora)
+    trainer.train()
+    batch = trainer.captured[0]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    with torch.no_grad():
+        t = batch["completion_ids"].size(1)
+        logits = model(input_ids=torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+                       attention_mask=torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)).logits
+        expected = torch.log_softmax(logits[:, -t - 1:-1].float(), -1).gather(
+            -1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    mask = batch["completion_mask"].bool()
+    torch.testing.assert_close(batch["old_per_token_logps"][mask], expected[mask], rtol=0, atol=1e-5)
+    ratios = [h["ratio_mean"] for h in trainer.state.log_history if "ratio_mean" in h]
+    assert ratios[0] == 1.0  # the first step over a fresh rollout: old = current, detached
+    if disable_dropout:
+        assert ratios[1] == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert abs(ratios[1] - 1.0) > 1e-3  # the loss forward's dropout noise

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spark_trl.configs import SparkGRPOConfig
-from spark_trl.trainer import group_advantages, spark_policy_loss
+from spark_trl.trainer import group_advantages, kl_sums, spark_policy_loss
 
 
 def _adv(groups, **kw):
@@ -123,3 +123,52 @@ def test_rollout_engine_auto_picks_the_fast_engine_only_where_it_can_run(tmp_pat
     assert resolve_rollout_engine(SimpleNamespace(**{**gpu, "deepspeed": "zero2.json"})) == "trl"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert resolve_rollout_engine(SimpleNamespace(**gpu)) == "trl"
+
+
+def test_covering_sampler_visits_all_311_problems_every_epoch():
+    """TRL's RepeatSampler visits 308 of 311 problems per epoch with 4 prompts per generation batch."""
+    from trl.trainer.utils import RepeatSampler
+
+    from spark_trl.sampling import CoveringRepeatSampler
+
+    pool = list(range(311))
+    trl = RepeatSampler(pool, mini_repeat_count=4, batch_size=4, repeat_count=2, seed=42)
+    ours = CoveringRepeatSampler(pool, mini_repeat_count=4, batch_size=4, repeat_count=2, seed=42)
+    assert len(set(trl)) == 308
+    for _ in range(2):  # two epochs: a fresh permutation each
+        order = list(ours)
+        assert len(order) == len(ours) == 78 * 4 * 4 * 2 and set(order) == set(pool)
+        # Each generation batch is 4 prompts x 4 completions, repeated twice: one entry per prompt.
+        first = [order[batch * 32 + 4 * j] for batch in range(78) for j in range(4)]
+        assert first[311:] == first[:1]  # the last batch: 3 new problems and the epoch's first
+
+
+def test_card_kl_is_the_mean_of_per_sequence_means_not_token_weighted():
+    """A long sequence with a small KL and a short one with a large KL: the card's GRPO KL (mean over sequences of
+    each sequence's token mean) and the token-weighted mean differ; padding rows (weight 0) count in neither."""
+    kl = torch.tensor([[0.1] * 8, [0.9, 0.9] + [0.0] * 6, [5.0] * 8])
+    mask = torch.tensor([[1.0] * 8, [1.0, 1.0] + [0.0] * 6, [1.0] * 8])
+    token_sum, tokens, seq_sum, seqs = kl_sums(kl, mask, torch.tensor([1.0, 1.0, 0.0]))
+    assert (tokens, seqs) == (10.0, 2.0)
+    assert token_sum / tokens == pytest.approx((0.8 + 1.8) / 10)  # 0.26
+    assert seq_sum / seqs == pytest.approx((0.1 + 0.9) / 2)  # 0.5
+
+
+def test_outcomes_reach_the_trainer_through_a_declared_channel():
+    """A reward function reports outcomes by declaring `last_outcomes` (the ReportsOutcomes protocol); one that holds
+    a wrong number is a broken contract and an error, not silently ignored."""
+    from spark_trl.groups import ReportsOutcomes, outcomes_of
+    from spark_trl.outcome import ExecutionOutcome, Status
+
+    def plain(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    class Reporting:
+        def __init__(self, n):
+            self.last_outcomes = [ExecutionOutcome(status=Status.PASSED)] * n
+
+    assert not isinstance(plain, ReportsOutcomes) and isinstance(Reporting(1), ReportsOutcomes)
+    assert outcomes_of([plain], 2) == [None, None]
+    assert [o.status for o in outcomes_of([plain, Reporting(2)], 2)] == [Status.PASSED] * 2
+    with pytest.raises(RuntimeError, match="holds 3 outcomes after scoring 2 completions"):
+        outcomes_of([Reporting(3)], 2)

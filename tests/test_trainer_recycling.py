@@ -76,10 +76,10 @@ def test_builder_makes_the_study_s_examples(tokenizer):
             assert answer == ("A." if a_passes else "B.")
         else:
             assert "line 4" not in user and "line 5" in user and "AssertionError" in user  # last 6 lines only
-            if "return 0" in user or "return 1" in user:
-                assert answer == "def add(a, b):\n    return sum((a, b))"  # the reference: nothing passed
+            if "return 0" in user or "return 1" in user:  # nothing passed: the reference, as a python block
+                assert answer == "```python\ndef add(a, b):\n    return sum((a, b))\n```"
             else:
-                assert answer in passing_codes  # a passing rollout of the same group
+                assert answer in {f"```python\n{code}\n```" for code in passing_codes}  # a passing rollout
 
 
 def test_builder_weights_caps_and_truncation(tokenizer):
@@ -193,3 +193,53 @@ def test_joint_mode_adds_the_aux_loss_to_each_step(tiny_model_path, tmp_path):
     stats = trainer.spark_stats_history[-1]
     assert stats["aux_steps"] > 0 and stats["aux_mean_loss"] > 0
     assert any("aux/loss" in h for h in trainer.state.log_history)
+
+
+def test_builder_uses_the_first_two_failing_rollouts_of_a_group_and_one_target(tokenizer):
+    """A group of 8 with one pass: the study makes 2 pairwise and 2 reflection examples (from the first two failing
+    rollouts, in rollout order), both reflections targeting the same passing rollout, not 7 + 7."""
+    rollouts = [_rollout(f"def add(a, b):\n    return {i}", False, 0) for i in range(7)]
+    rollouts.insert(3, _rollout("def add(a, b):\n    return a + b", True, 0))
+    examples = RecyclingObjective(tokenizer, max_length=4096).build(rollouts)
+    kinds = [e.kind for e in examples]
+    assert kinds.count("pairwise") == 2 and kinds.count("reflection") == 2
+    users = [e.messages[1]["content"] for e in examples]
+    for user in users:
+        assert "return 0" in user or "return 1" in user  # the first two failing rollouts only
+    targets = {e.messages[-1]["content"] for e in examples if e.kind == "reflection"}
+    assert targets == {"```python\ndef add(a, b):\n    return a + b\n```"}
+    more = RecyclingObjective(tokenizer, max_length=4096, failing_per_group=7).build(rollouts)
+    assert [e.kind for e in more].count("reflection") == 7
+
+
+def test_joint_mode_bounds_examples_per_micro_step(tiny_model_path, tmp_path):
+    """Joint mode runs at most aux_batch_size examples per micro-step (one forward of bounded size); a rollout's
+    other examples are left unused and counted."""
+    args = SparkGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                           max_completion_length=6, logging_steps=1, disable_tqdm=True, per_device_train_batch_size=4,
+                           gradient_accumulation_steps=1, max_steps=2, loss_type="spark", aux_objective="recycling",
+                           aux_loss_scale=0.5, aux_mode="joint", skip_zero_advantage="none", aux_batch_size=1,
+                           aux_failing_per_group=4, aux_pairwise_weight=0.0)
+
+    class Counting(SparkGRPOTrainer):
+        def _joint_aux_loss(self, model):
+            self.sizes = getattr(self, "sizes", []) + [len(self._joint_aux_batches[self._position])]
+            return super()._joint_aux_loss(model)
+
+    trainer = Counting(model=tiny_model_path, reward_funcs=OutcomeReward(), args=args, train_dataset=_dataset(4))
+    trainer.train()
+    stats = trainer.spark_stats_history[-1]
+    assert trainer.sizes and max(trainer.sizes) <= 1
+    assert sum(stats["aux_examples"].values()) == sum(trainer.sizes)
+    assert stats["aux_examples_unused"] > 0
+
+
+def test_phase_mode_under_deepspeed_is_refused_before_loading(tmp_path, monkeypatch):
+    """As `accelerate launch` with a DeepSpeed config announces it (DeepSpeed itself is not installed here, so the
+    launch environment is set once the config exists)."""
+    args = SparkGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                           per_device_train_batch_size=4, aux_objective="recycling", aux_loss_scale=0.1)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="aux_mode='phase' does not work under DeepSpeed"):
+        SparkGRPOTrainer(model="/nonexistent/model", reward_funcs=OutcomeReward(), args=args,
+                         train_dataset=_dataset(2))
