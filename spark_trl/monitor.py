@@ -188,6 +188,10 @@ class CollapseMonitor(TrainerCallback):
         logger.warning(self.message)
         warnings.warn(self.message, CollapseWarning, stacklevel=2)
 
+    def restore(self, message: str) -> None:
+        """A resumed run whose rows already carry the warning: it was given, and is not given again."""
+        self.fired, self._taken, self.message = True, True, message
+
     def take_message(self) -> str | None:
         """The warning once, for whoever records it (the study runner puts it in the iteration's row)."""
         if self.fired and not self._taken:

@@ -456,6 +456,10 @@ class StudyRunner:
         elif is_main_process():
             write_json(self.output_dir / RUN_CONFIG, self.settings())
         self.build_trainer(dataset, model, tokenizer)
+        warned = next((r["collapse_warning"] for r in self.state["rows"] if r.get("collapse_warning")), None)
+        monitor = getattr(self.trainer, "collapse_monitor", None)
+        if warned and monitor is not None:
+            monitor.restore(warned)  # warned once per run, resumes included
         handlers = self._install_signal_handlers()
         try:
             self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

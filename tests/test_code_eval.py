@@ -218,7 +218,9 @@ def test_no_credit_for_what_the_sandbox_refuses(tmp_path, layers):
     assert (tmp_path / "dropped-by-code-eval").exists()
     assert float(pass_at_k["pass@1"]) == 0.0
     assert [r["passed"] for rs in results.values() for _, r in rs] == [False, False, False]
-    assert all("PermissionError" in r["result"] for rs in results.values() for _, r in rs), results
+    # Refused by a layer: denied (seccomp, Landlock) or not there at all (the runner's private file system view).
+    assert all(("PermissionError" in r["result"] or "FileNotFoundError" in r["result"])
+               for rs in results.values() for _, r in rs), results
     assert not (tmp_path / "dropped-here").exists()
 
 
