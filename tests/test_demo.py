@@ -292,3 +292,22 @@ def test_demo_sh_end_to_end_with_the_tiny_model(tmp_path, tiny_model_path):
         assert (out / path).exists(), path
     config = json.loads((out / "run_config.json").read_text())
     assert config["model_name_or_path"] == tiny_model_path and config["iterations"] == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_demo_defaults_are_the_measured_learning_configuration(device):
+    # docs/benchmarks.md "Learning": progress reward, on-policy (one generation per optimizer step), lr 5e-5,
+    # groups 4 -> 8; the recipes' study schedule and reward must not leak into the demo.
+    from spark_trl.demo import build_parser, demo_recipe
+    from spark_trl.runner import parse_recipe
+
+    args, _ = build_parser().parse_known_args(["--output_dir", "runs/x"])
+    study, train_args, _ = parse_recipe(demo_recipe(args, device), [])
+    assert study.reward_mode == "progress" and train_args.rollout_schedule == "batch"
+    assert train_args.steps_per_generation == train_args.gradient_accumulation_steps
+    assert (train_args.learning_rate, train_args.min_generations, train_args.max_generations) == (5e-5, 4, 8)
+    if device == "cuda":
+        assert (study.iterations, train_args.max_completion_length, train_args.top_up_mode) == (6, 256, "prefetch")
+    full, _ = build_parser().parse_known_args(["--output_dir", "runs/x", "--full"])
+    study, train_args, _ = parse_recipe(demo_recipe(full, device), [])
+    assert study.reward_mode == "study" and train_args.rollout_schedule == "epoch"  # --full is the study
