@@ -45,16 +45,8 @@ class CollapseWarning(UserWarning):
 
 
 def _first(logs: dict, keys: Sequence[str]) -> float | None:
-    for key in keys:
-        value = logs.get(key)
-        if value is not None:
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(value):
-                return value
-    return None
+    """The first of ``keys`` logged with a finite number."""
+    return next((v for v in (_num(logs.get(k)) for k in keys) if v is not None), None)
 
 
 def _mean(values: Sequence[float]) -> float:

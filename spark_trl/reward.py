@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 
 from .outcome import ExecutionOutcome, Status, TestResult
 from .sandbox import Executor, Job, get_executor
+from .sandbox.names import free_globals, is_stdlib_module, stored_names
 
 REWARD_MODES = ("progress", "binary", "study")
 STUDY_PENALTIES = dict(syntax_penalty=-0.2, runtime_penalty=-0.1, timeout_penalty=-0.3, wrong_answer_floor=0.0)
@@ -145,13 +146,24 @@ def is_no_attempt(code: str, entry_point: str | None = None) -> bool:
         return re.search(r"\b(?:def|lambda)\b", code) is None
     funcs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     if entry_point:
-        bound = [n for n in ast.walk(tree) if _binds(n, entry_point)]
+        bound = sorted((n for n in _module_level(tree) if _binds(n, entry_point)),
+                       key=lambda n: (getattr(n, "lineno", 0), getattr(n, "col_offset", 0)))
         if not bound:
             return True
-        last = bound[-1]  # the definition in force when the tests run
+        last = bound[-1]  # the definition in force when the tests run: the last in the source
         return isinstance(last, (ast.FunctionDef, ast.AsyncFunctionDef)) and _trivial_body(last)
     return all(_trivial_body(f) for f in funcs) and not any(
         isinstance(n, (ast.ClassDef, ast.Assign, ast.AnnAssign, ast.For, ast.While, ast.If)) for n in tree.body)
+
+
+def _module_level(tree: ast.Module):
+    """The module's nodes, not looking inside function, lambda or class bodies (their names are local)."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            stack.extend(ast.iter_child_nodes(node))
 
 
 def _binds(node: ast.AST, name: str) -> bool:
@@ -168,29 +180,20 @@ def _binds(node: ast.AST, name: str) -> bool:
 
 
 def _called_names(tests: Sequence[str], setup: str) -> list[str]:
-    """Names the tests call that neither the builtins nor the setup provide: what a program must define."""
-    defined: set[str] = set()
+    """What a program must define for the tests: their free names that neither the builtins, the standard library
+    nor the setup provide (the judge binds names in that order: spark_trl.sandbox.names)."""
     try:
-        for node in ast.walk(ast.parse(setup or "")):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                defined.add(node.name)
-            elif isinstance(node, ast.alias):
-                defined.add(node.asname or node.name.split(".")[0])
-            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-                defined.add(node.id)
+        provided = stored_names(compile(setup or "", "<setup>", "exec", dont_inherit=True))
     except (SyntaxError, ValueError, MemoryError, RecursionError):
-        pass
+        provided = set()
     names: list[str] = []
     for test in tests:
         try:
-            tree = ast.parse(test)
+            free = free_globals(compile(test, "<test>", "exec", dont_inherit=True))
         except (SyntaxError, ValueError, MemoryError, RecursionError):
             continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-                name = node.func.id
-                if name not in _BUILTIN_NAMES and name not in defined and name not in names:
-                    names.append(name)
+        names += sorted(n for n in free if n not in _BUILTIN_NAMES and n not in provided
+                        and not is_stdlib_module(n) and n not in names)
     return names
 
 

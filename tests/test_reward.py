@@ -275,6 +275,8 @@ def test_mode_and_penalties_are_checked():
     ("def f(x):\n    return x + 1\n\ndef f(x):\n    pass", "f", True),  # the last definition is the one tested
     ("def f(x):\n    pass\n\ndef f(x):\n    return x * 2", "f", False),
     ("f = lambda x: x * 2", "f", False),
+    ("def f(x):\n    pass\n\ndef g():\n    f = 3\n    return f", "f", True),  # a local `f` is not the entry point
+    ("if True:\n    def f(x):\n        return x * 2", "f", False),  # defined under a module-level statement
     ("class f:\n    pass", "f", False),
     ("from math import factorial as f", "f", False),
     ('def f(x):\n    """Doc."""', None, True),
