@@ -161,7 +161,7 @@ FEATURES = [
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mbpp", default=os.environ.get("SPARK_TRL_MBPP",
-                                                         str(REPO.parent / "shared/data/sanitized-mbpp.json")))
+                                                         str(REPO / "tests" / "data" / "sanitized-mbpp.json")))
     args = parser.parse_args(argv)
     wire, data = _import_light()
     sys.setrecursionlimit(10000)

@@ -98,9 +98,10 @@ def _sample_result(task_id: int, completion_id: int, outcome) -> dict:
     elif status == "timeout":
         result = "timed out"
     else:
-        failing = next(t for t in outcome.tests if t.status.value != "passed")
-        lines = [line for line in failing.error_tail.strip().splitlines() if line.strip()]
-        result = f"failed: {lines[-1].strip() if lines else failing.error_type}"
+        failing = next((t for t in outcome.tests if t.status.value != "passed"), None)
+        tail = failing.error_tail if failing is not None else outcome.error_tail
+        lines = [line for line in tail.strip().splitlines() if line.strip()]
+        result = f"failed: {lines[-1].strip() if lines else (failing.error_type if failing else status)}"
     return {"task_id": task_id, "completion_id": completion_id, "passed": status == "passed", "result": result,
             "status": status, "tests_passed": outcome.passed, "tests_total": outcome.total}
 
@@ -119,6 +120,8 @@ def compute_code_eval(predictions: Sequence[Sequence[str]], references: Sequence
     from .sandbox import Executor, Job
 
     predictions, references = list(predictions), list(references)
+    if not predictions:
+        raise ValueError("no predictions: give one list of candidate programs per reference")
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references: one list of candidates "
                          f"per reference")

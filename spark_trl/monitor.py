@@ -3,8 +3,8 @@
 GRPO maximises the reward, not the pass rate. When the two part ways, the policy is learning something the
 reward pays for that is not solving problems. The case seen in practice: under the study's scoring a program
 that does nothing (a docstring, ``pass``) scores 0, above an attempt that raises (-0.1) or is cut by the token
-limit (-0.2), and a weak model learns to give up (SmolLM2-135M: held-out pass@1 0.16 -> 0 in six iterations,
-mean reward -0.10 -> -0.04, every sample a docstring-only function).
+limit (-0.2), and a weak model learns to give up (SmolLM2-135M on the GPU learning benchmark:
+one seed's held-out pass@1 0.385 -> 0.003, 98 % of its samples stubs, docs/benchmarks.md "Learning").
 
 ``CollapseMonitor`` watches two time scales and warns once (``logging`` and ``warnings``), naming the cause
 and the remedy:

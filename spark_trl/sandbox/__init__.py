@@ -25,6 +25,5 @@ Example:
 
 from .executor import Executor, Job, get_executor
 from .wire import WireError, decode, encode
-from .workdir import remove_stale_roots as _remove_stale_roots  # noqa: F401 - the old private name
 
 __all__ = ["Executor", "Job", "WireError", "decode", "encode", "get_executor"]

@@ -237,11 +237,10 @@ class Executor:
 
     def _run_one(self, i: int, job: Job) -> dict:
         timeout = float(job.timeout or self.timeout)
-        msg = {"code": job.code if isinstance(job.code, str) else "", "tests": list(job.tests), "setup": job.setup,
+        # A non-str code is not a program: "\x00" compiles to a syntax error in the judge.
+        msg = {"code": job.code if isinstance(job.code, str) else "\x00", "tests": list(job.tests), "setup": job.setup,
                "timeout": timeout, "memory_mb": self.memory_mb, "entry_point": job.entry_point or "",
                "extract": bool(job.extract)}
-        if not isinstance(job.code, str):
-            msg["code"] = "\x00"  # not a program: compiles to a syntax error in the judge
         budget = (len(msg["tests"]) + 1) * (timeout + 1.0) + 30.0
         j = self._ensure(i)
         if j is not None:

@@ -2,8 +2,9 @@
 
 Per class (each denied with EPERM unless said otherwise; x86_64 and aarch64):
 
-* network: sockets other than ``AF_UNIX``; ``connect``/``bind``/``listen``/``accept``, ``sendmsg`` and ``sendto``
-  with an address (a host's pathname or abstract Unix socket is reachable without ``connect``);
+* network: sockets other than ``AF_UNIX``; ``connect``/``bind``/``listen``/``accept``; ``sendmsg``/``sendmmsg``
+  always (the filter cannot read the address inside a message) and ``sendto`` with an address (a host's pathname
+  or abstract Unix socket is reachable without ``connect``);
 * other processes: ``ptrace``, ``process_vm_readv/writev``, ``kcmp``, ``pidfd_*``, ``process_madvise``; signals
   only to itself (``kill`` also to its own group); scheduling, priority, I/O priority and resource limits
   (``setpriority``, ``sched_set*``, ``ioprio_set``, ``prlimit64``) only of itself: a runner cannot renice or
@@ -291,12 +292,6 @@ def prepare() -> _Prepared:
         _PREPARED = _Prepared()
     return _PREPARED
 
-
-def program(own_pid: int) -> list[tuple[int, int, int, int]]:
-    """The filter as (code, jt, jf, k) for a runner whose pid (in its namespace) is ``own_pid``."""
-    prepared = prepare()
-    prepared.patch(own_pid)
-    return list(_INSTRUCTION.iter_unpack(prepared.buffer.raw))
 
 
 def install(own_pid: int | None = None) -> None:
