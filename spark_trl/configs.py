@@ -20,7 +20,6 @@ ROLLOUT_ENGINES = ("trl", "spark", "auto")
 ROLLOUT_SCHEDULES = ("batch", "epoch")
 REF_ADAPTERS = ("disable", "copy")
 # Loss types that SparkGRPOTrainer adds to TRL's.
-SPARK_LOSS_TYPES = ("spark",)
 
 
 def check_group_sizes(args) -> None:

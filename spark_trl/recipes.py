@@ -21,6 +21,7 @@ STUDY_DEFAULTS: dict[str, Any] = dict(
     # The study's schedule: every problem's rollouts, then one pass with an optimizer step every 4 sequences in the
     # loss (its "grad_accum=4": 4 one-sequence backwards; here one micro-batch of 4, the same gradient).
     rollout_schedule="epoch", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+    skip_zero_advantage="sequence",  # "every 4 sequences with a non-zero advantage": its exact rule
     steps_per_generation=4,  # generation in chunks of 16 completions (4 prompts) per process
     epsilon=0.2, max_grad_norm=1.0,
     min_generations=4, max_generations=8, generation_increment=2,

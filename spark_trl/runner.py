@@ -407,7 +407,10 @@ class StudyRunner:
                  "mean_group_size": "mean_group_size", "group_sizes": "group_sizes", "mean_reward": "reward",
                  "frac_groups_topped_up": "frac_groups_topped_up", "rollouts": "train_rollouts",
                  "aux_mean_loss": "aux_loss", "aux_examples": "aux_examples"}
-        return {row_name: stats.get(name) for name, row_name in names.items()}
+        row = {row_name: stats.get(name) for name, row_name in names.items()}
+        if row["kl"] is None:  # TRL's loss types log no per-sequence KL: the token-weighted one, rather than none
+            row["kl"] = row["kl_token_weighted"]
+        return row
 
     def _trainer_epoch_state_file(self, directory: Path) -> Path:
         return directory / f"spark_epoch_{self.trainer.accelerator.process_index}.pt"
