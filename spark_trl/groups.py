@@ -57,6 +57,15 @@ class GrownGroups:
     def __len__(self) -> int:
         return len(self.group_of)
 
+    def extend(self, other: "GrownGroups") -> None:
+        """Append another set's groups and completions (its group indices shifted past this set's rows)."""
+        offset = len(self.rows)
+        self.rows += other.rows
+        self.group_of += [offset + i for i in other.group_of]
+        for name in ("prompts", "prompt_ids", "completion_ids", "completions", "outcomes", "reward_chunks", "sizes"):
+            getattr(self, name).extend(getattr(other, name))
+        self.generated_tokens += other.generated_tokens
+
     def rewards_per_func(self, n_funcs: int) -> torch.Tensor:
         return torch.cat(self.reward_chunks) if self.reward_chunks else torch.zeros(0, n_funcs)
 

@@ -66,20 +66,9 @@ class ScoredRollout:
     @staticmethod
     def concat(parts: list["ScoredRollout"]) -> "ScoredRollout":
         """Several rollouts as one (the chunks of an epoch's rollout): groups renumbered, columns joined."""
-        grown = GrownGroups(rows=[r for p in parts for r in p.grown.rows])
-        offset = 0
+        grown = GrownGroups(rows=[])
         for p in parts:
-            g = p.grown
-            grown.group_of += [offset + i for i in g.group_of]
-            grown.prompts += g.prompts
-            grown.prompt_ids += g.prompt_ids
-            grown.completion_ids += g.completion_ids
-            grown.completions += g.completions
-            grown.outcomes += g.outcomes
-            grown.reward_chunks += g.reward_chunks
-            grown.sizes += g.sizes
-            grown.generated_tokens += g.generated_tokens
-            offset += len(g.rows)
+            grown.extend(p.grown)
         extra = ExtraColumns()
         for p in parts:
             extra.add_round(p.extra_columns, len(p.grown))
