@@ -113,14 +113,16 @@ def learn(opts, extra: list[str]) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------- plain TRL
+# --------------------------------------------------------------------------------------------- timed runs
 
-def plain(opts) -> int:
-    """plain trl.GRPOTrainer (its own generation, 8 generations per prompt) on the same task; held-out pass@1
-    against training seconds."""
+def timed(opts) -> int:
+    """One trainer alone on the GPU, held-out pass@1 against training seconds: `plain` (trl.GRPOTrainer with its
+    own generation, num_generations 8) or `spark` (SparkGRPOTrainer with the demo's GPU settings: fast engine,
+    groups of 4 grown to 8 when their rewards tie, prefetch). Same model, problems, reward, learning rate, KL
+    coefficient, sampling, 16 problems per optimizer step, constant learning rate; the same evaluation (the
+    fast engine, every --eval_every_s seconds of training, the clock stopped while it runs)."""
     import torch
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     from spark_trl.data import to_grpo_dataset
     from spark_trl.evaluation import EvalConfig, evaluate_problems, isolated_rng
@@ -143,6 +145,7 @@ def plain(opts) -> int:
                              max_new_tokens=opts.max_new_tokens, batch_size=160, timeout=2.0, progress=False,
                              rollout_engine="spark" if cuda else "hf")
     points: list[dict] = []
+    name = opts.cmd
 
     class TimedEval(TrainerCallback):
         """Evaluates at the start, every eval_every_s seconds of training and at the end; the clock stops while
@@ -151,7 +154,8 @@ def plain(opts) -> int:
         def __init__(self):
             self.train_s, self.mark, self.since = 0.0, None, 0.0
 
-        def _evaluate(self, trainer_model, step):
+        def _evaluate(self, trainer_model, state):
+            step = state.global_step
             trainer_model.eval()
             t0 = time.perf_counter()
             with isolated_rng(opts.seed + 10000 + len(points)), torch.no_grad():
@@ -161,34 +165,55 @@ def plain(opts) -> int:
                      "pass@5": result.pass_at.get(5), "no_attempt": result.no_attempt_share,
                      "eval_seconds": round(time.perf_counter() - t0, 1)}
             points.append(point)
-            print("plain", json.dumps(point), flush=True)
-            (out / "plain.json").write_text(json.dumps({"points": points, "settings": vars(opts)}, indent=1))
+            print(name, json.dumps(point), flush=True)
+            # TRL's per-step logs (step_time, rewards, KL, spark-trl's group sizes) beside the points
+            (out / f"{name}.json").write_text(json.dumps({"points": points, "settings": vars(opts),
+                                                          "log_history": state.log_history}, indent=1, default=str))
 
         def on_train_begin(self, args, state, control, model=None, **kw):
-            self._evaluate(model, 0)
+            self._evaluate(model, state)
             self.mark = time.perf_counter()
 
         def on_step_end(self, args, state, control, model=None, **kw):
+            if cuda:
+                torch.cuda.synchronize()  # the step's queued GPU work belongs to the training clock
             now = time.perf_counter()
             self.train_s += now - self.mark
             self.since += now - self.mark
             if self.train_s >= opts.budget_s:
                 control.should_training_stop = True
             if self.since >= opts.eval_every_s or control.should_training_stop:
-                self._evaluate(model, state.global_step)
+                self._evaluate(model, state)
                 self.since = 0.0
             self.mark = time.perf_counter()
 
-    n_prompts = opts.prompts_per_step
-    args = GRPOConfig(
-        output_dir=str(out / "trainer"), num_generations=8, per_device_train_batch_size=8 * n_prompts // 2,
-        gradient_accumulation_steps=2, learning_rate=opts.learning_rate, beta=opts.beta, temperature=1.0,
-        top_p=0.98, max_completion_length=opts.max_new_tokens, num_train_epochs=1000, logging_steps=1,
-        report_to="none", save_strategy="no", seed=opts.seed, bf16=cuda, use_cpu=not cuda,
-        gradient_checkpointing=False, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0)
+    common = dict(output_dir=str(out / f"{name}-trainer"), gradient_accumulation_steps=2,
+                  learning_rate=opts.learning_rate, beta=opts.beta, temperature=1.0, top_p=0.98,
+                  max_completion_length=opts.max_new_tokens, num_train_epochs=1000, logging_steps=1,
+                  report_to="none", save_strategy="no", seed=opts.seed, bf16=cuda, use_cpu=not cuda,
+                  gradient_checkpointing=False, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0)
     reward = ExecutionReward(mode="progress", executor=executor)
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=to_grpo_dataset(train),
-                          processing_class=tok, peft_config=lora_config(), callbacks=[TimedEval()])
+    dataset = to_grpo_dataset(train)
+    if name == "plain":
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(num_generations=8, per_device_train_batch_size=8 * opts.prompts_per_step // 2, **common)
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
+                              processing_class=tok, peft_config=lora_config(), callbacks=[TimedEval()])
+    else:
+        from spark_trl import SparkGRPOConfig, SparkGRPOTrainer
+        from spark_trl.demo import DEMO_COMMON, DEMO_SIZES
+
+        demo = {**DEMO_COMMON, **DEMO_SIZES["cuda"]}
+        args = SparkGRPOConfig(
+            min_generations=demo["min_generations"], max_generations=demo["max_generations"],
+            top_up_mode=demo["top_up_mode"], rollout_schedule=demo["rollout_schedule"],
+            per_device_train_batch_size=demo["min_generations"] * opts.prompts_per_step
+            // common["gradient_accumulation_steps"],
+            loss_type="spark", skip_zero_advantage="sequence", epsilon=0.2,
+            rollout_engine="spark" if cuda else "trl", **common)
+        trainer = SparkGRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
+                                   processing_class=tok, peft_config=lora_config(), callbacks=[TimedEval()])
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))  # the points are written after every evaluation
     trainer.train()
     executor.close()
@@ -296,16 +321,22 @@ def report(opts) -> int:
         fig.savefig(out / "learning.png", dpi=110)
         plt.close(fig)
     if opts.plain and (Path(opts.plain) / "plain.json").is_file():
+        spark_file = Path(opts.spark or "-") / "spark.json"
+        spark_points = json.loads(spark_file.read_text())["points"] if spark_file.is_file() else None
         lines += time_to_accuracy(json.loads((Path(opts.plain) / "plain.json").read_text())["points"],
-                                  runs, opts, out, summary)
+                                  runs, opts, out, summary, spark_points)
     (out / "learning.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / "learning.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return 0
 
 
-def time_to_accuracy(points: list[dict], runs: dict, opts, out: Path, summary: dict) -> list[str]:
-    """Seconds of training each trainer needs to first reach the plain trainer's final held-out pass@1."""
+def time_to_accuracy(points: list[dict], runs: dict, opts, out: Path, summary: dict,
+                     spark_points: list[dict] | None = None) -> list[str]:
+    """Seconds of training each trainer needs to first reach the plain trainer's final held-out pass@1.
+
+    The primary comparison is the `spark` timed run (alone on the GPU, evaluated as the plain run is); the demo
+    runs of `learn` (evaluated once per iteration, GPU shared) are listed beside it."""
     import matplotlib.pyplot as plt
 
     target = points[-1]["pass@1"]
@@ -315,11 +346,22 @@ def time_to_accuracy(points: list[dict], runs: dict, opts, out: Path, summary: d
     lines = ["### Time to accuracy", "",
              f"plain trl.GRPOTrainer: final held-out pass@1 {target:.3f} after {points[-1]['train_seconds']:.0f} s "
              f"of training ({points[-1]['step']} steps); first reached at {plain_t:.0f} s.", "",
-             "| spark run | reaches it at (s of training) | iteration | speed-up |", "|---|---|---|---|"]
+             "| spark run | reaches it at (s of training) | step / iteration | speed-up |", "|---|---|---|---|"]
     result = {"plain_final_pass@1": target, "plain_seconds_to_final": plain_t, "spark": {}}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot([p["train_seconds"] for p in points], [p["pass@1"] for p in points], "-s", color="gray",
             label="plain trl.GRPOTrainer (8 generations)")
+    if spark_points:
+        hit = next((q for q in spark_points if q["step"] > 0 and (q["pass@1"] or 0) >= target), None)
+        t = hit["train_seconds"] if hit else None
+        speed = round(plain_t / t, 1) if t else None
+        result["spark_timed"] = {"seconds": t, "step": hit["step"] if hit else None, "speedup": speed,
+                                 "final_pass@1": spark_points[-1]["pass@1"],
+                                 "final_seconds": spark_points[-1]["train_seconds"]}
+        lines.append(f"| spark (alone, timed as plain) | {t if t is not None else 'not reached'} | "
+                     f"step {hit['step'] if hit else ''} | {speed if speed else ''} |")
+        ax.plot([q["train_seconds"] for q in spark_points], [q["pass@1"] for q in spark_points], "-o",
+                color="tab:blue", linewidth=2, label="SparkGRPOTrainer (alone, timed as plain)")
     for name, rows in spark.items():
         hit = next((r for r in rows if r["iteration"] >= 1 and (r.get(f"{HELDOUT}/pass@1") or 0) >= target), None)
         t = hit["train_seconds"] if hit else None
@@ -327,8 +369,8 @@ def time_to_accuracy(points: list[dict], runs: dict, opts, out: Path, summary: d
         result["spark"][name] = {"seconds": t, "iteration": hit["iteration"] if hit else None, "speedup": speed}
         lines.append(f"| {name} | {t if t is not None else 'not reached'} | "
                      f"{hit['iteration'] if hit else ''} | {speed if speed else ''} |")
-        ax.plot([r.get("train_seconds", 0) for r in rows], [r.get(f"{HELDOUT}/pass@1") for r in rows], "-o",
-                label=f"SparkGRPOTrainer {name}")
+        ax.plot([r.get("train_seconds", 0) for r in rows], [r.get(f"{HELDOUT}/pass@1") for r in rows], ":o",
+                alpha=0.5, label=f"spark-trl demo {name} (per iteration, GPU shared)")
     ax.axhline(target, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("training seconds (evaluations excluded)")
     ax.set_ylabel("held-out pass@1")
@@ -345,6 +387,22 @@ def time_to_accuracy(points: list[dict], runs: dict, opts, out: Path, summary: d
 
 # --------------------------------------------------------------------------------------------- main
 
+def _timed_args(pl) -> None:
+    pl.add_argument("--out", required=True)
+    pl.add_argument("--model", default=None, help="default: the converted SmolLM2-135M-Instruct")
+    pl.add_argument("--budget_s", type=float, default=300, help="training seconds (evaluations excluded)")
+    pl.add_argument("--eval_every_s", type=float, default=60)
+    pl.add_argument("--train_problems", type=int, default=None)
+    pl.add_argument("--heldout", type=int, default=None)
+    pl.add_argument("--eval_samples", type=int, default=10)
+    pl.add_argument("--max_new_tokens", type=int, default=256)
+    pl.add_argument("--prompts_per_step", type=int, default=16, help="problems per optimizer step (as the demo)")
+    pl.add_argument("--learning_rate", type=float, default=5e-5)
+    pl.add_argument("--beta", type=float, default=0.01)
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--exec_workers", type=int, default=4)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -359,30 +417,20 @@ def main(argv=None) -> int:
     lr.add_argument("--exec_workers", type=int, default=4)
     lr.add_argument("--deadline_s", type=float, default=540)
     lr.add_argument("--out", required=True)
-    pl = sub.add_parser("plain")
-    pl.add_argument("--out", required=True)
-    pl.add_argument("--model", default=None, help="default: the converted SmolLM2-135M-Instruct")
-    pl.add_argument("--budget_s", type=float, default=300, help="training seconds (evaluations excluded)")
-    pl.add_argument("--eval_every_s", type=float, default=60)
-    pl.add_argument("--train_problems", type=int, default=None)
-    pl.add_argument("--heldout", type=int, default=None)
-    pl.add_argument("--eval_samples", type=int, default=10)
-    pl.add_argument("--max_new_tokens", type=int, default=256)
-    pl.add_argument("--prompts_per_step", type=int, default=16, help="problems per optimizer step (as the demo)")
-    pl.add_argument("--learning_rate", type=float, default=5e-5)
-    pl.add_argument("--beta", type=float, default=0.01)
-    pl.add_argument("--seed", type=int, default=0)
-    pl.add_argument("--exec_workers", type=int, default=4)
+    for kind in ("plain", "spark"):
+        pl = sub.add_parser(kind, help="one trainer alone, held-out pass@1 against training seconds")
+        _timed_args(pl)
     rp = sub.add_parser("report")
     rp.add_argument("--learn", default=None)
-    rp.add_argument("--plain", default=None)
+    rp.add_argument("--plain", default=None, help="the folder of a `plain` run (plain.json)")
+    rp.add_argument("--spark", default=None, help="the folder of a `spark` run (spark.json), timed as the plain one")
     rp.add_argument("--spark_runs", nargs="*", default=[], help="runs compared with plain (default: progress-*)")
     rp.add_argument("--out", required=True)
     opts, extra = p.parse_known_args(argv)
     if opts.cmd != "learn" and extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    return {"convert": lambda: convert(opts), "learn": lambda: learn(opts, extra), "plain": lambda: plain(opts),
-            "report": lambda: report(opts)}[opts.cmd]()
+    return {"convert": lambda: convert(opts), "learn": lambda: learn(opts, extra), "plain": lambda: timed(opts),
+            "spark": lambda: timed(opts), "report": lambda: report(opts)}[opts.cmd]()
 
 
 if __name__ == "__main__":

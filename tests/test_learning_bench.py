@@ -56,3 +56,37 @@ def test_report_spreads_verdicts_and_time_to_accuracy(tmp_path):
     for png in ("learning.png", "time_to_accuracy.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "| progress-seed0 | 0.2 | 0.4 | 2.0 | 0.2 | 2 | no |" in (out / "learning.md").read_text()
+
+
+def test_report_compares_the_timed_spark_run(tmp_path):
+    plain, spark, out = tmp_path / "plain", tmp_path / "spark", tmp_path / "out"
+    plain.mkdir()
+    spark.mkdir()
+    plain_points = [{"step": 0, "train_seconds": 0.0, "pass@1": 0.2}, {"step": 4, "train_seconds": 150.0, "pass@1": 0.32},
+                    {"step": 8, "train_seconds": 300.0, "pass@1": 0.3}]
+    spark_points = [{"step": 0, "train_seconds": 0.0, "pass@1": 0.2}, {"step": 3, "train_seconds": 10.0, "pass@1": 0.29},
+                    {"step": 6, "train_seconds": 25.0, "pass@1": 0.31}, {"step": 9, "train_seconds": 40.0, "pass@1": 0.4}]
+    (plain / "plain.json").write_text(json.dumps({"points": plain_points}))
+    (spark / "spark.json").write_text(json.dumps({"points": spark_points}))
+    assert _bench().main(["report", "--plain", str(plain), "--spark", str(spark), "--out", str(out)]) == 0
+    tta = json.loads((out / "learning.json").read_text())["time_to_accuracy"]
+    # The plain run's final 0.3 is first reached at 150 s; the spark run first reaches 0.3 at 25 s (6x).
+    assert tta["plain_seconds_to_final"] == 150.0
+    assert tta["spark_timed"] == {"seconds": 25.0, "step": 6, "speedup": 6.0, "final_pass@1": 0.4,
+                                  "final_seconds": 40.0}
+    assert (out / "time_to_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_timed_runs_train_and_evaluate_both_trainers_on_cpu(tmp_path, tiny_model_path):
+    """`plain` and `spark` run their real trainers (a tiny model, 2 problems per step) until the training budget,
+    evaluating at the start and at the end; the points carry training seconds that exclude evaluation."""
+    bench = _bench()
+    for kind in ("plain", "spark"):
+        out = tmp_path / kind
+        assert bench.main([kind, "--out", str(out), "--model", tiny_model_path, "--budget_s", "0.01",
+                           "--train_problems", "4", "--heldout", "2", "--eval_samples", "5", "--max_new_tokens", "8",
+                           "--prompts_per_step", "2", "--exec_workers", "2"]) == 0
+        points = json.loads((out / f"{kind}.json").read_text())["points"]
+        assert [p["step"] for p in points] == [0, 1], kind  # the budget stops it after one optimizer step
+        assert points[0]["train_seconds"] == 0.0 < points[1]["train_seconds"]
+        assert all(0.0 <= p["pass@1"] <= 1.0 and p["pass@5"] is not None for p in points)

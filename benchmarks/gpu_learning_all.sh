@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole learning benchmark of docs/benchmarks.md ("Learning") on one GPU, in the order it reports it:
+#   1. the demo's GPU configuration, both reward modes x 3 seeds, all in parallel (6 iterations each);
+#   2. time to accuracy: plain trl.GRPOTrainer alone, then SparkGRPOTrainer alone, each evaluated on the held-out
+#      problems every few seconds of training (the clock stopped while it evaluates);
+#   3. the report (tables, learning.png, time_to_accuracy.png), which needs matplotlib and no GPU.
+# Needs the converted SmolLM2 in $SPARK_TRL_CACHE (`gpu_learning_bench.py convert`, once per machine).
+#   bash benchmarks/gpu_learning_all.sh runs/learning
+set -uo pipefail
+OUT=${1:-runs/learning}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+$PY benchmarks/gpu_learning_bench.py learn --modes progress study --seeds 0 1 2 --out "$OUT/learn" \
+    --deadline_s "${LEARN_DEADLINE_S:-660}"
+$PY benchmarks/gpu_learning_bench.py plain --out "$OUT/plain" --budget_s "${PLAIN_BUDGET_S:-200}" --eval_every_s 40
+$PY benchmarks/gpu_learning_bench.py spark --out "$OUT/spark" --budget_s "${SPARK_BUDGET_S:-100}" --eval_every_s 10
+$PY -c "import matplotlib" 2>/dev/null && $PY benchmarks/gpu_learning_bench.py report --learn "$OUT/learn" \
+    --plain "$OUT/plain" --spark "$OUT/spark" --out "$OUT/report"
+echo "learning benchmark done: $OUT"
