@@ -153,13 +153,17 @@ def timed(opts) -> int:
 
         def __init__(self):
             self.train_s, self.mark, self.since = 0.0, None, 0.0
+            self.trainer = None
 
         def _evaluate(self, trainer_model, state):
             step = state.global_step
             trainer_model.eval()
             t0 = time.perf_counter()
             with isolated_rng(opts.seed + 10000 + len(points)), torch.no_grad():
-                result = evaluate_problems(trainer_model, tok, heldout, eval_config, name=HELDOUT, executor=executor)
+                # The spark trainer lends its engine, as the study runner does: one dense copy and one set of
+                # compiled decoding steps serve both (a second engine per evaluation would compile its own)
+                result = evaluate_problems(trainer_model, tok, heldout, eval_config, name=HELDOUT, executor=executor,
+                                           engine=getattr(self.trainer, "rollout_engine", None))
             trainer_model.train()
             point = {"step": step, "train_seconds": round(self.train_s, 1), "pass@1": result.pass_at.get(1),
                      "pass@5": result.pass_at.get(5), "no_attempt": result.no_attempt_share,
@@ -194,12 +198,13 @@ def timed(opts) -> int:
                   gradient_checkpointing=False, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0)
     reward = ExecutionReward(mode="progress", executor=executor)
     dataset = to_grpo_dataset(train)
+    timed_eval = TimedEval()
     if name == "plain":
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(num_generations=8, per_device_train_batch_size=8 * opts.prompts_per_step // 2, **common)
         trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
-                              processing_class=tok, peft_config=lora_config(), callbacks=[TimedEval()])
+                              processing_class=tok, peft_config=lora_config(), callbacks=[timed_eval])
     else:
         from spark_trl import SparkGRPOConfig, SparkGRPOTrainer
         from spark_trl.demo import DEMO_COMMON, DEMO_SIZES
@@ -213,7 +218,8 @@ def timed(opts) -> int:
             loss_type="spark", skip_zero_advantage="sequence", epsilon=0.2,
             rollout_engine="spark" if cuda else "trl", **common)
         trainer = SparkGRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
-                                   processing_class=tok, peft_config=lora_config(), callbacks=[TimedEval()])
+                                   processing_class=tok, peft_config=lora_config(), callbacks=[timed_eval])
+    timed_eval.trainer = trainer
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))  # the points are written after every evaluation
     trainer.train()
     executor.close()
