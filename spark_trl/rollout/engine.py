@@ -39,7 +39,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-
 def _compile_available(device: torch.device) -> bool:
     """compile_decode's default: CUDA with Triton (inductor's GPU code generator) and a torch that compiles."""
     if device.type != "cuda" or not hasattr(torch, "compile"):

@@ -91,7 +91,6 @@ def _round_up(n: int, m: int) -> int:
     return ((n + m - 1) // m) * m
 
 
-
 def _cut_after_eos(row: list[int], eos_ids) -> list[int]:
     """Keep tokens up to and including the first EOS (TRL's completion mask)."""
     eos = set(eos_ids)
