@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spark_trl.rollout import (FastRolloutEngine, SamplingParams, _cumsum_rows, _sample_full, _sample_prefilter,
-                               completion_logprobs, logprob_mismatch, prefilter_probs, sorted_weights, warp_logits)
+from spark_trl.rollout import (FastRolloutEngine, SamplingParams, completion_logprobs, logprob_mismatch,
+                               prefilter_probs, sorted_weights, warp_logits)
+from spark_trl.rollout.sampling import _cumsum_rows, _sample_full, _sample_prefilter
 
 
 def _args(**kw):
@@ -260,11 +261,11 @@ def test_bad_input_is_refused_before_work(tiny):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_decoding_step_samples_the_same_policy(tiny, monkeypatch, backend):
     """compile_decode changes kernels, not the distribution: same greedy tokens and log-probs as the model."""
-    import spark_trl.rollout as rollout
+    import spark_trl.rollout.engine as engine_module
 
     if backend == "inductor":
         pytest.importorskip("torch._inductor")
-    monkeypatch.setattr(rollout, "COMPILE_BACKEND", backend)
+    monkeypatch.setattr(engine_module, "COMPILE_BACKEND", backend)
     torch._dynamo.reset()
     model, tok, prompts = tiny
     args = _args(max_completion_length=8, generation_kwargs={"do_sample": False})
@@ -281,12 +282,12 @@ def test_compiled_decoding_step_samples_the_same_policy(tiny, monkeypatch, backe
 
 
 def test_a_compile_failure_degrades_to_eager_decoding_not_to_plain_generate(tiny, monkeypatch):
-    import spark_trl.rollout as rollout
+    import spark_trl.rollout.engine as engine_module
 
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(rollout, "COMPILE_BACKEND", broken_backend)
+    monkeypatch.setattr(engine_module, "COMPILE_BACKEND", broken_backend)
     torch._dynamo.reset()
     model, tok, prompts = tiny
     args = _args(max_completion_length=8, generation_kwargs={"do_sample": False})
@@ -310,9 +311,9 @@ def test_compile_decode_defaults_off_on_cpu(tiny):
 def test_a_failing_prefilter_sends_the_next_steps_straight_to_the_full_path(tiny, monkeypatch):
     """Flat distributions (a random tiny model, top_p 0.99 > the mass of its top 4 tokens) make the prefilter fail:
     after each failure STICKY_FULL_STEPS steps skip it, and the samples stay those of the model's distribution."""
-    import spark_trl.rollout as rollout
+    import spark_trl.rollout.steps as steps
 
-    monkeypatch.setattr(rollout, "STICKY_FULL_STEPS", 3)
+    monkeypatch.setattr(steps, "STICKY_FULL_STEPS", 3)
     model, tok, prompts = tiny
     engine = FastRolloutEngine(model, tok, _args(top_p=0.99, max_completion_length=17), prefilter_k=4,
                                fallback=False)
@@ -332,9 +333,9 @@ def test_a_failing_prefilter_sends_the_next_steps_straight_to_the_full_path(tiny
 
 def test_prefill_in_row_chunks_computes_the_same_distribution(tiny, monkeypatch):
     """PREFILL_ROWS splits the prompt forward over rows (memory); each chunk writes its own rows of the KV cache."""
-    import spark_trl.rollout as rollout
+    import spark_trl.rollout.steps as steps
 
-    monkeypatch.setattr(rollout, "PREFILL_ROWS", 2)
+    monkeypatch.setattr(steps, "PREFILL_ROWS", 2)
     model, tok, prompts = tiny
     engine = FastRolloutEngine(model, tok, _args(top_p=0.9, max_completion_length=6), fallback=False)
     many = prompts * 2 + [prompts[0][:2]]  # 7 rows of three widths: chunks of 2, 2, 2, 1
