@@ -10,6 +10,11 @@ hash of the trainable parameters and whether they moved, and the trainer's log h
 `eval` runs `spark_trl.evaluation.evaluate_problems` on a few problems and writes OUT/eval_rank{r}.json.
 `train_joint` is `train` with the auxiliary loss joint with the GRPO loss, two optimizer steps per generation and
 top-ups taken from prefetched samples (writes OUT/rank{r}_joint.json). `recipe` runs recipes/condition_a.py's study (2 tiny iterations) into OUT/run.
+`train_fsdp`, `train_joint_fsdp` and `train_epoch_fsdp` are `train`, `train_joint` and `train_epoch` with the model
+sharded by FSDP2 through the Trainer's fsdp arguments (see `enable_fsdp_on_cpu`); their files end in `_fsdp` and
+also count FSDP's all-gathers and reduce-scatters. Each training mode also saves OUT/rank{r}{suffix}.pt (initial and
+final trainable parameters, the first step's gradient and batch). FSDP modes go in a launch of their own: the
+accelerate state they set up is process-wide.
 Modes in one launch share the process start-up (most of the run time on 2 cores).
 """
 
@@ -35,8 +40,51 @@ TASKS = ["flat1", "flat2", "vary1", "late1", "vary2", "late2", "flat3", "vary3"]
 EPOCH_TASKS = ["vary1", "flat1", "late1", "vary2", "flat2", "late2", "vary3"]
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: under FSDP2 a parameter (or gradient) is a DTensor holding this rank's shard, and
+    ``full_tensor()`` all-gathers it (a collective: every rank calls it at the same point)."""
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).float().cpu().clone()
+
+
 def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def enable_fsdp_on_cpu() -> None:
+    """Let accelerate shard with FSDP on CPU processes (gloo). accelerate 1.15's AcceleratorState turns an FSDP
+    plugin into DistributedType.FSDP only for accelerator types (MULTI_GPU, MULTI_XPU, ...); on CPU it leaves
+    MULTI_CPU, and Accelerator.prepare then wraps the model in DDP. This applies the same switch to MULTI_CPU, so
+    that prepare() calls accelerate's own FSDP2 path (fsdp2_prepare_model: torch's fully_shard on a CPU mesh)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init
+
+
+def count_fsdp_collectives(counts: dict) -> None:
+    """Count FSDP2's parameter all-gathers and gradient reduce-scatters on this rank: torch 2.13's fully_shard
+    issues them through torch.distributed.all_gather_single / reduce_scatter_single, looked up at call time."""
+    import torch.distributed as dist
+
+    for name, key in (("all_gather_single", "all_gathers"), ("reduce_scatter_single", "reduce_scatters")):
+        original = getattr(dist, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            counts[_key] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+        counts[key] = 0
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
@@ -47,7 +95,7 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def train(model_path: str, out: Path, joint: bool = False, epoch: bool = False) -> None:
+def train(model_path: str, out: Path, joint: bool = False, epoch: bool = False, fsdp: bool = False) -> None:
     from datasets import Dataset
     from peft import LoraConfig
 
@@ -91,8 +139,7 @@ def train(model_path: str, out: Path, joint: bool = False, epoch: bool = False) 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if state.global_step == 0:
                 grads["calls_before_first_step"] = len(reward.calls)
-                grads["step1"] = {n: p.grad.detach().float().cpu().clone()
-                                  for n, p in model.named_parameters() if p.requires_grad}
+                grads["step1"] = {n: _full(p.grad) for n, p in model.named_parameters() if p.requires_grad}
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == args.max_steps and args.max_steps > 0:  # before the epoch's auxiliary phase
@@ -117,6 +164,10 @@ def train(model_path: str, out: Path, joint: bool = False, epoch: bool = False) 
     if epoch:  # the study's schedule: one epoch, an optimizer step every 2 x 2 sequences per process
         settings.update(rollout_schedule="epoch", max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2,
                         gradient_accumulation_steps=2, aux_loss_scale=0.0)
+    if fsdp:  # FSDP2 through the Trainer's own fsdp arguments: every decoder layer and the root sharded
+        enable_fsdp_on_cpu()
+        settings.update(fsdp="full_shard", fsdp_config={"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                                        "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
     args = SparkGRPOConfig(**settings)
     reward = PromptKeyedReward()
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
@@ -129,20 +180,33 @@ def train(model_path: str, out: Path, joint: bool = False, epoch: bool = False) 
 
     # Count the passes that build a graph (the loss and auxiliary forwards), the other forwards outside generation
     # (reference and old log-probs, per optimizer step: under FSDP each one gathers parameters collectively) and
-    # the backward passes (a hook on one trainable parameter's gradient fires once per backward).
+    # the backward passes through the model: accelerator.backward calls during which a hook on the logits (or
+    # log-probs) of a forward fired. (FSDP replaces the parameters by sharded ones at prepare() and sets their
+    # gradients itself, so a hook on a parameter would not see the backward passes there.)
     model = trainer.accelerator.unwrap_model(trainer.model)
     counts = {"forward": 0, "backward": 0, "nograd_by_step": {}}
+    reached = []
 
     def on_forward(module, inputs, output):
         if torch.is_grad_enabled():
             counts["forward"] += 1
+            # The logits, or the log-probs of TRL's fused LM head (its `loss` output is not in the GRPO loss).
+            (output["logits"] if "logits" in output else output["log_probs"]).register_hook(reached.append)
         elif not trainer.generating:
             step = str(trainer.state.global_step)
             counts["nograd_by_step"][step] = counts["nograd_by_step"].get(step, 0) + 1
 
+    backward = trainer.accelerator.backward
+
+    def counted_backward(loss, **kwargs):
+        reached.clear()
+        backward(loss, **kwargs)
+        counts["backward"] += bool(reached)
+
+    trainer.accelerator.backward = counted_backward
     model.register_forward_hook(on_forward)
-    first = next(p for p in model.parameters() if p.requires_grad)
-    first.register_hook(lambda grad: counts.__setitem__("backward", counts["backward"] + 1))
+    if fsdp:
+        count_fsdp_collectives(counts)
 
     before = _trainable_state(model)
     trainer.train()
@@ -165,13 +229,29 @@ def train(model_path: str, out: Path, joint: bool = False, epoch: bool = False) 
         "moved": any(not torch.equal(before[n], after[n]) for n in before),
         "log_history": trainer.state.log_history,
         "spark_stats": trainer.spark_stats_history,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        **_sharding(trainer.model),
+        **{k: counts[k] for k in ("all_gathers", "reduce_scatters") if k in counts},
     }
-    suffix = "_joint" if joint else "_epoch" if epoch else ""
+    suffix = ("_joint" if joint else "_epoch" if epoch else "") + ("_fsdp" if fsdp else "")
     (out / f"rank{rank}{suffix}.json").write_text(json.dumps(report, default=str))
-    if joint or epoch:
-        return
-    # For the test's single-process recomputation of the first step's gradient.
-    torch.save({"init": before, "batch": trainer.first_batch, "grads": grads["step1"]}, out / f"rank{rank}.pt")
+    # For the test's single-process recomputation of the first step's gradient, and the FSDP-vs-DDP comparison.
+    torch.save({"init": before, "final": after, "batch": trainer.first_batch, "grads": grads.get("step1")},
+               out / f"rank{rank}{suffix}.pt")
+
+
+def _sharding(wrapped) -> dict:
+    """How the prepared model holds its parameters: whether it is an FSDP2 module, how many parameters are DTensors
+    sharded over the ranks, and how many elements this rank stores locally out of the model's total."""
+    from torch.distributed.fsdp import FSDPModule
+
+    params = list(wrapped.parameters())
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    return {"wrapper": type(wrapped).__name__, "fsdp_module": isinstance(wrapped, FSDPModule),
+            "dtensor_params": sum(hasattr(p, "placements") for p in params),
+            "sharded_params": sum(any(pl.is_shard() for pl in getattr(p, "placements", ())) for p in params),
+            "params": len(params), "local_numel": sum(t.numel() for t in local),
+            "full_numel": sum(p.numel() for p in params)}
 
 
 def aux_caps(model_path: str, out: Path) -> None:
@@ -251,4 +331,6 @@ if __name__ == "__main__":
     for mode in modes.split(","):
         {"train": train, "train_joint": lambda m, o: train(m, o, joint=True),
          "train_epoch": lambda m, o: train(m, o, epoch=True), "aux_caps": aux_caps, "eval": evaluate,
-         "recipe": recipe}[mode](model_path, Path(out_dir))
+         "recipe": recipe, "train_fsdp": lambda m, o: train(m, o, fsdp=True),
+         "train_joint_fsdp": lambda m, o: train(m, o, joint=True, fsdp=True),
+         "train_epoch_fsdp": lambda m, o: train(m, o, epoch=True, fsdp=True)}[mode](model_path, Path(out_dir))

@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo): SparkGRPOTrainer's adaptive groups and the sharded evaluation under DDP.
+"""Two CPU processes (torchrun, gloo): SparkGRPOTrainer's adaptive groups and the sharded evaluation under DDP, and
+the same training runs with the model sharded by FSDP2 (see the FSDP section at the end).
 
 One launch of tests/_dist_worker.py trains the tiny model for two optimizer steps with ranks that need different
 top-ups (rank 0 has nothing at all in the loss in step 1) and an auxiliary phase with different numbers of
@@ -49,13 +50,11 @@ def _expected(groups: list[str]) -> dict[str, float]:
     }
 
 
-@pytest.fixture(scope="module")
-def reports(tiny_model_path, tmp_path_factory, mbpp_path):
-    out = tmp_path_factory.mktemp("dist")
+def _launch(modes: str, model_path: str, out: Path, mbpp_path) -> None:
     env = {**os.environ, "SPARK_TRL_MBPP": str(mbpp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           "train,train_joint,train_epoch,aux_caps,eval,recipe", tiny_model_path, str(out)]
+           modes, model_path, str(out)]
     # Own session, so that on a timeout the launcher and both ranks are killed together.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -66,6 +65,12 @@ def reports(tiny_model_path, tmp_path_factory, mbpp_path):
         log, _ = proc.communicate()
         pytest.fail(f"2-process run did not finish in {LAUNCH_TIMEOUT} s (a rank hung?)\n{log[-4000:]}")
     assert proc.returncode == 0, f"2-process run failed ({proc.returncode})\n{log[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def reports(tiny_model_path, tmp_path_factory, mbpp_path):
+    out = tmp_path_factory.mktemp("dist")
+    _launch("train,train_joint,train_epoch,aux_caps,eval,recipe", tiny_model_path, out, mbpp_path)
     load = json.loads
     return {
         "train": [load((out / f"rank{r}.json").read_text()) for r in (0, 1)],
@@ -274,3 +279,109 @@ def test_auxiliary_caps_hold_over_all_processes(reports):
     r0, r1 = reports["aux_caps"]
     assert (r0["candidates"], r1["candidates"]) == (6, 2)
     assert [a + b for a, b in zip(r0["kept"], r1["kept"])] == [5, 5, 5]
+
+
+# ------------------------------------------------------------------------------------------------------------ FSDP
+# The same three training runs (train, train_joint, train_epoch) with the model sharded by FSDP2 on the two CPU
+# processes: the worker gives SparkGRPOConfig fsdp="full_shard" with fsdp_config version 2 (each Qwen2DecoderLayer
+# and the root sharded) and lets accelerate use its FSDP path on CPU (_dist_worker.enable_fsdp_on_cpu: accelerate
+# 1.15 would otherwise run an FSDP config as DDP there). Under FSDP every forward all-gathers the parameters and
+# every synchronising backward reduce-scatters the gradients, collectively: a rank that ran one forward more or
+# fewer than the other would hang both (benchmarks/fsdp_cpu_check.py shows it, test_uneven_forwards_hang_fsdp).
+FSDP_RUNS = {"train": "_fsdp", "joint": "_joint_fsdp", "epoch": "_epoch_fsdp"}
+
+
+@pytest.fixture(scope="module")
+def fsdp_reports(tiny_model_path, tmp_path_factory, mbpp_path):
+    out = tmp_path_factory.mktemp("fsdp")
+    _launch("train_fsdp,train_joint_fsdp,train_epoch_fsdp", tiny_model_path, out, mbpp_path)
+    return {run: [json.loads((out / f"rank{r}{suffix}.json").read_text()) for r in (0, 1)]
+            for run, suffix in FSDP_RUNS.items()} | {"dir": out}
+
+
+def test_fsdp_really_shards_the_model_on_cpu(fsdp_reports, reports):
+    """The trainer's prepared model is an FSDP2 module whose every parameter is a DTensor sharded over the two ranks:
+    each rank stores half of the model's elements (DDP, for contrast, keeps a whole replica per rank)."""
+    for run in FSDP_RUNS:
+        r0, r1 = fsdp_reports[run]
+        for r in (r0, r1):
+            assert (r["world"], r["backend"], r["distributed_type"]) == (2, "gloo", "DistributedType.FSDP")
+            assert r["fsdp_module"] and r["wrapper"].startswith("FSDP")
+            assert r["sharded_params"] == r["dtensor_params"] == r["params"] > 0
+            assert r["local_numel"] < r["full_numel"]
+        assert r0["local_numel"] + r1["local_numel"] == r0["full_numel"]
+    ddp = reports["train"][0]
+    assert (ddp["distributed_type"], ddp["fsdp_module"], ddp["sharded_params"]) == ("DistributedType.MULTI_CPU",
+                                                                                   False, 0)
+    assert ddp["local_numel"] == ddp["full_numel"] == fsdp_reports["train"][0]["full_numel"]
+
+
+def test_fsdp_ranks_with_uneven_work_run_the_same_forwards_and_collectives(fsdp_reports, reports):
+    """The uneven cases of the DDP runs, under FSDP: rank 0 has nothing in the loss in step 1 (train), no auxiliary
+    example for the first rollout (joint), 14 sequences against rank 1's 10 (epoch). The runs finish (the launch
+    fails the test after LAUNCH_TIMEOUT instead of hanging), and both ranks run the same forwards with and without
+    a graph, step by step, the same backwards, and issue the same number of parameter all-gathers and gradient
+    reduce-scatters (generation included), the very counts of the DDP runs."""
+    for run in FSDP_RUNS:
+        r0, r1 = fsdp_reports[run]
+        d0, d1 = reports[run]
+        assert (r0["reward_calls"], r1["reward_calls"]) == (d0["reward_calls"], d1["reward_calls"])  # same work
+        keys = ("global_step", "micro_steps", "forward", "backward", "nograd_by_step", "all_gathers",
+                "reduce_scatters")
+        assert {k: r0[k] for k in keys} == {k: r1[k] for k in keys}
+        assert r0["all_gathers"] > 0 and r0["reduce_scatters"] > 0
+        assert {k: r0[k] for k in keys[:5]} == {k: d0[k] for k in keys[:5]} == {k: d1[k] for k in keys[:5]}
+    assert (fsdp_reports["train"][0]["forward"], fsdp_reports["train"][0]["backward"]) == (7, 7)
+    assert fsdp_reports["train"][0]["nograd_by_step"] == {"0": 3, "1": 3}
+    assert fsdp_reports["joint"][0]["forward"] == 4 + 4  # GRPO forwards + joint auxiliary forwards
+    assert fsdp_reports["epoch"][0]["forward"] == 8
+
+
+def test_fsdp_training_equals_ddp_training(fsdp_reports, reports):
+    """Sharded or replicated, the same run: the first step's gradient and the final parameters (gathered whole
+    from the shards) equal DDP's, and every logged value is DDP's (timings aside; the gradient norm, which FSDP
+    computes from the shards, to float precision)."""
+    import torch
+
+    for run, suffix in FSDP_RUNS.items():
+        ddp_suffix = suffix.replace("_fsdp", "")
+        for r in (0, 1):
+            fsdp = torch.load(fsdp_reports["dir"] / f"rank{r}{suffix}.pt")
+            ddp = torch.load(reports["dir"] / f"rank{r}{ddp_suffix}.pt")
+            for key in ("init", "final", "grads"):
+                assert fsdp[key].keys() == ddp[key].keys()
+                for name, value in ddp[key].items():
+                    torch.testing.assert_close(fsdp[key][name], value)
+            assert any(not torch.equal(ddp["final"][n], ddp["init"][n]) for n in ddp["init"])
+            logs = [fsdp_reports[run][r]["log_history"], reports[run][r]["log_history"]]
+            assert len(logs[0]) == len(logs[1])
+            for a, b in zip(*logs):
+                assert a.keys() == b.keys()
+                skip = TIMING_KEYS | {"grad_norm"}
+                assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+                if "grad_norm" in b:
+                    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+            assert fsdp_reports[run][r]["spark_stats"] == reports[run][r]["spark_stats"]
+
+
+def _fsdp_check(case: str, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "fsdp_cpu_check.py"), "--case", case,
+           "--timeout", str(timeout)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout + 240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_uneven_forwards_hang_fsdp_on_cpu():
+    """The check the FSDP tests above rest on: with torch's FSDP2 on two CPU processes (gloo), the same forwards
+    on both ranks finish; one extra no-grad forward on rank 0 blocks both ranks until gloo's timeout (10 s here)."""
+    even = _fsdp_check("even", 120)
+    assert even["finished"] and all(r["fsdp_module"] and r["sharded_params"] == r["params"] for r in even["ranks"])
+    uneven = _fsdp_check("uneven", 10)
+    assert not uneven["finished"]
+    assert [r["rank"] for r in uneven["ranks"]] == [0, 1]
+    # Both timed out where expected, after the sharded training step: rank 0 in its extra forward's all-gather,
+    # rank 1 at the next collective.
+    assert [r["stage"] for r in uneven["ranks"]] == ["2 no-grad forward(s)", "barrier"], uneven
+    assert all("Timed out" in r["error"] and "loss" in r for r in uneven["ranks"]), uneven
