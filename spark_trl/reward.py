@@ -218,6 +218,9 @@ def do_nothing_programs(tests: Sequence[str], setup: str = "", entry_point: str 
 # ------------------------------------------------------------------------------------------ the reward
 
 
+DEFAULT_TIMEOUT = 10.0  # seconds per test: the study's limit (MBPP's task 123 needs about 4 s of CPU)
+
+
 class ExecutionReward:
     """Reward = the score of running the completion's code against the problem's tests.
 
@@ -227,7 +230,8 @@ class ExecutionReward:
             penalties). The module docstring says what each pays for and why.
         syntax_penalty, runtime_penalty, timeout_penalty, wrong_answer_floor: the study rule's constants
             (default: the study's -0.2, -0.1, -0.3, 0.0); only ``mode="study"`` takes them.
-        timeout: seconds per test (task 123 of MBPP needs about 4 s of CPU).
+        timeout: seconds per test (task 123 of MBPP needs about 4 s of CPU); default: ``executor``'s timeout
+            when one is given, else 10 s (the study's).
         workers: judge processes of a private executor (default: one per CPU).
         executor: an ``Executor`` to share; default: the process-wide ``get_executor()`` (or a private one when
             ``workers``/``timeout`` differ from the defaults).
@@ -260,7 +264,7 @@ class ExecutionReward:
 
     def __init__(self, mode: str = "progress", syntax_penalty: float | None = None,
                  runtime_penalty: float | None = None, timeout_penalty: float | None = None,
-                 wrong_answer_floor: float | None = None, timeout: float = 10.0, workers: int | None = None,
+                 wrong_answer_floor: float | None = None, timeout: float | None = None, workers: int | None = None,
                  executor: Executor | None = None):
         if mode not in REWARD_MODES:
             raise ValueError(f"mode must be one of {', '.join(REWARD_MODES)}; got {mode!r}")
@@ -270,6 +274,10 @@ class ExecutionReward:
         if mode != "study" and any(float(v) != STUDY_PENALTIES[k] and float(v) != 0.0 for k, v in given.items()):
             raise ValueError(f"mode={mode!r} takes no penalties (they make doing nothing pay better than a failed "
                              f"attempt); got {', '.join(given)}. Use mode='study' for the study's rule.")
+        if timeout is None:
+            # A shared executor's own per-test timeout holds unless one is given here: a benchmark that built its
+            # executor with timeout=2 and got 10 s per looping test lost 30 s per step to one endless loop.
+            timeout = executor.timeout if executor is not None else DEFAULT_TIMEOUT
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.mode = mode

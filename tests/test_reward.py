@@ -133,6 +133,24 @@ def test_infinite_loops_time_out_with_the_study_value(ex, mbpp_problems):
     assert all(o.status is Status.TIMEOUT for o in fast.last_outcomes)
 
 
+def test_a_shared_executor_sets_the_per_test_timeout_unless_one_is_given(mbpp_problems):
+    """ExecutionReward(executor=ex) runs each test under ex's timeout: with the study's 10 s instead, one endless
+    loop held a step for 30 s (3 tests) in the learning benchmark."""
+    import time
+
+    p = mbpp_problems[0]
+    loop = _fenced(f"def {p.entry_point}(*args, **kwargs):\n    while True:\n        pass\n")
+    with Executor(workers=2, timeout=0.5) as short:
+        inherited = ExecutionReward(executor=short)
+        assert inherited.timeout == 0.5
+        t0 = time.perf_counter()
+        assert inherited(completions=[loop], **_rows([p])) == [0.0]
+        assert inherited.last_outcomes[0].status is Status.TIMEOUT
+        assert time.perf_counter() - t0 < 0.5 * len(p.tests) + 3.0  # not 10 s per test
+        assert ExecutionReward(executor=short, timeout=3.0).timeout == 3.0  # an explicit value still wins
+    assert ExecutionReward().timeout == 10.0  # no executor: the study's limit
+
+
 def test_humaneval_partial_credit_from_split_checks(reward, humaneval_problems):
     p = humaneval_problems[0]  # has_close_elements, 7 asserts
     code = "def has_close_elements(numbers, threshold):\n    return True"
