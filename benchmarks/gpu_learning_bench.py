@@ -319,7 +319,7 @@ def report(opts) -> int:
                         label=None if "warn" in labelled else "collapse warning fired")
                 labelled.add("warn")
         ax.set_xlabel("iteration (0 = base model)")
-        ax.set_ylabel("held-out pass@1 (60 problems x 10 samples)")
+        ax.set_ylabel("held-out pass@1 (built-in held-out, 10 samples each)")
         ax.set_title("SmolLM2-135M-Instruct, GRPO with execution rewards, 3 seeds per reward mode")
         ax.grid(alpha=0.3)
         ax.legend()
