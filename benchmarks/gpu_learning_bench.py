@@ -220,8 +220,12 @@ def timed(opts) -> int:
         trainer = SparkGRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
                                    processing_class=tok, peft_config=lora_config(), callbacks=[timed_eval])
     timed_eval.trainer = trainer
+    from spark_trl.profiling import StepProfiler
+
+    profiler = StepProfiler().attach(trainer)  # time/<phase> in the per-step logs: where each trainer's step goes
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))  # the points are written after every evaluation
     trainer.train()
+    print(f"{name}: seconds per optimizer step by phase\n{profiler.table()}", flush=True)
     executor.close()
     return 0
 

@@ -197,6 +197,9 @@ def run_trainer(kind, path, tok, opts, reward, steps, gens=(8, 8), per_device=8,
         timer.wrap(trainer.rollout_engine, "generate", lambda out: sum(len(c) for c in out))
     else:
         timer.wrap(trainer, "_generate_single_turn", lambda out: sum(len(c) for c in out[0]))
+    from spark_trl.profiling import StepProfiler
+
+    profiler = StepProfiler().attach(trainer)  # the time split per phase (issue 15), after the timer's wrapping
     trainer.train()
     _sync()
     st = timer.step_times
@@ -210,6 +213,8 @@ def run_trainer(kind, path, tok, opts, reward, steps, gens=(8, 8), per_device=8,
            "reward_s": round(reward.seconds, 2), "reward_kind": reward.kind, "completions": reward.completions,
            "total_step_s": round(sum(st), 2), **memory_snapshot()}
     res["training_s"] = round(res["total_step_s"] - res["generation_s"] - res["reward_s"], 2)
+    res["phases_s_per_step"] = {k: round(v, 3) for k, v in profiler.summary().items()}
+    print(f"{kind}: seconds per step by phase (after the first step)\n{profiler.table()}", flush=True)
     res["completion_tokens_per_step_s"] = round(timer.gen_tokens / max(sum(st), 1e-9), 1)
     if hasattr(trainer, "spark_stats_history") and trainer.spark_stats_history:
         res["spark_stats"] = trainer.spark_stats_history[-1]

@@ -32,6 +32,10 @@ GRPO_METHODS = {
     "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
     "_get_per_token_logps_and_entropies": ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size"),
 }
+# The calls spark_trl.profiling.StepProfiler times (wrapped on a trainer instance, never on the class).
+GENERATION_METHOD = "_generate_single_turn"
+REWARD_METHOD = "_calculate_rewards"
+LOGPS_METHOD = "_get_per_token_logps_and_entropies"
 # Attributes that GRPOTrainer.__init__ sets and spark-trl reads or writes.
 GRPO_ATTRIBUTES = ("_metrics", "_logs", "_pending_metrics", "_pending_extra_logs", "_step")
 # Module-level names of trl.trainer.grpo_trainer: `gather` ends `_calculate_rewards` (see `local_rewards`).
@@ -132,6 +136,14 @@ def per_token_logps(trainer, model, input_ids, attention_mask, logits_to_keep: i
     logps, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                             batch_size=batch_size)
     return logps
+
+
+def wrap_method(trainer, name: str, wrap) -> None:
+    """Replace the private method `name` (one of the listed GRPO_METHODS) on this trainer instance by
+    `wrap(bound method)`; the class and every other trainer keep TRL's."""
+    if name not in GRPO_METHODS:
+        raise ValueError(f"{name} is not one of the TRL privates listed in spark_trl/trl_private.py")
+    setattr(trainer, name, wrap(getattr(trainer, name)))
 
 
 # ------------------------------------------------------------------------------------------------- bookkeeping
