@@ -639,6 +639,8 @@ class SparkGRPOTrainer(GRPOTrainer):
         """The sampler's log-probs of the batch's completion tokens, (rows, width) like `completion_ids`: NaN where
         unknown (padding, the dummy row, a round without them). None when no completion of the rollout has them
         on any rank (TRL's backends)."""
+        if self._engine is None:  # the same on every rank
+            return None
         have = any(lp is not None for lp in grown.sampler_logps)
         if not self._ranks.max(int(have)):
             return None
