@@ -4,6 +4,7 @@ directly:
 
     python benchmarks/gpu_train_bench.py train --out runs/bench/train.json
     python benchmarks/gpu_train_bench.py eval  --out runs/bench/eval.json
+    python benchmarks/gpu_train_bench.py train --sampler_correction token_truncate --out runs/bench/train-tis.json
     accelerate launch --num_processes 2 benchmarks/gpu_train_bench.py multi
 
 The reward is real where the machine allows it: each completion's code is extracted and run against the MBPP
@@ -177,8 +178,13 @@ def run_trainer(kind, path, tok, opts, reward, steps, gens=(8, 8), per_device=8,
         args = GRPOConfig(num_generations=gens[0], **common)
         cls = GRPOTrainer
     else:
+        # The sampler correction (TRL's vllm_importance_sampling_*) needs the fast engine's rollouts.
+        correction = getattr(opts, "sampler_correction", "off")
+        tis = {} if correction == "off" or not engine else dict(
+            vllm_importance_sampling_correction=True, vllm_importance_sampling_mode=correction,
+            vllm_importance_sampling_clip_max=opts.sampler_clip_max)
         args = SparkGRPOConfig(min_generations=gens[0], max_generations=gens[1], generation_increment=2,
-                               loss_type="spark", rollout_engine="spark" if engine else "trl", **common)
+                               loss_type="spark", rollout_engine="spark" if engine else "trl", **tis, **common)
         cls = SparkGRPOTrainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -218,6 +224,9 @@ def run_trainer(kind, path, tok, opts, reward, steps, gens=(8, 8), per_device=8,
     res["completion_tokens_per_step_s"] = round(timer.gen_tokens / max(sum(st), 1e-9), 1)
     if hasattr(trainer, "spark_stats_history") and trainer.spark_stats_history:
         res["spark_stats"] = trainer.spark_stats_history[-1]
+    if kind == "spark":
+        res["sampler_correction"] = getattr(opts, "sampler_correction", "off") if engine else "off"
+        res["sampling_metrics"] = sampling_metrics(trainer.state.log_history)
     eng = getattr(trainer, "rollout_engine", None)
     if eng is not None:
         res["engine_active"] = eng.active
@@ -247,6 +256,28 @@ def run_trainer(kind, path, tok, opts, reward, steps, gens=(8, 8), per_device=8,
     return res
 
 
+def sampling_metrics(log_history) -> dict:
+    """The trainer's in-training sampler/trainer gap (TRL's `sampling/sampling_logp_difference/*` and, with the
+    correction, `sampling/importance_sampling_ratio/*`), averaged over the logged steps (max and min: extremes).
+    Logged on steps whose rollout computed old log-probs: always with the correction on; without it only when a
+    rollout outlives an optimizer step (here it does not: `mismatch_after_training` measures the gap then).
+
+    Example:
+        >>> sampling_metrics([{"sampling/sampling_logp_difference/mean": 0.03}, {"loss": 1.0},
+        ...                   {"sampling/sampling_logp_difference/mean": 0.05}])
+        {'sampling/sampling_logp_difference/mean': 0.04}
+    """
+    values: dict = {}
+    for entry in log_history:
+        for k, v in entry.items():
+            if k.startswith("sampling/"):
+                values.setdefault(k, []).append(float(v))
+    out = {}
+    for k, vs in sorted(values.items()):
+        out[k] = max(vs) if k.endswith("/max") else min(vs) if k.endswith("/min") else round(sum(vs) / len(vs), 6)
+    return out
+
+
 def train(opts):
     from transformers import AutoTokenizer
 
@@ -256,6 +287,7 @@ def train(opts):
     report = {"mode": "train", "versions": versions(), "reward": reward.kind, "runs": []}
     plan = [("spark", opts.spark_steps, (8, 8), 8), ("spark", opts.spark_steps, (4, 8), 4),
             ("trl", opts.trl_steps, (8, 8), 8)]
+    plan = [run for run in plan if run[1] > 0]  # --trl_steps 0: spark runs only (0 would mean a whole epoch)
     for kind, steps, gens, per_device in plan:
         try:
             report["runs"].append(run_trainer(kind, path, tok, opts, reward, steps, gens, per_device))
@@ -393,6 +425,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spark_steps", type=int, default=4)
     p.add_argument("--trl_steps", type=int, default=1)
     p.add_argument("--no_sandbox", action="store_true")
+    p.add_argument("--sampler_correction", default="off",
+                   choices=["off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"],
+                   help="the spark runs' vllm_importance_sampling_mode (off: no correction, the study's setting); "
+                        "every spark run reports the logged sampler/trainer gap in sampling_metrics")
+    p.add_argument("--sampler_clip_max", type=float, default=3.0, help="vllm_importance_sampling_clip_max")
     p.add_argument("--humaneval", default=None)
     p.add_argument("--eval_engine_seqs", type=int, default=256)
     p.add_argument("--eval_batch", type=int, default=64)

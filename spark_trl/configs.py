@@ -5,6 +5,7 @@ Every study condition (A, C-light, C-reg, C-reg2) is only configuration of these
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -187,11 +188,19 @@ class SparkGRPOConfig(GRPOConfig):
             "second half) and warns once when the reward rises while the pass rate falls; 0 turns it off."
         },
     )
-    # TRL's default is True; SparkGRPOTrainer does not implement the correction (its old log-probs are the training
-    # model's) and refuses True, so that `--use_vllm` alone works.
+    # The sampler's importance-sampling correction: TRL's fields and semantics (`vllm_importance_sampling_mode`,
+    # `_clip_min`, `_clip_max` and the deprecated `_cap` are GRPOConfig's), applied to the fast engine's rollouts.
+    # Off by default (TRL's default is True): the study had no correction, and the recipes reproduce it.
     vllm_importance_sampling_correction: bool = field(
         default=False,
-        metadata={"help": "TRL's importance-sampling correction of vLLM rollouts; not supported by SparkGRPOTrainer."},
+        metadata={
+            "help": "Importance-sampling correction of the gap between the sampler and the training model (TRL's "
+            "option, here for the sampler of rollout_engine='spark': the fast engine's dense bf16 copy against a "
+            "4-bit QLoRA trainer). The per-token loss is multiplied by exp(logp_train_old - logp_sampler), "
+            "truncated or masked as vllm_importance_sampling_mode / _clip_min / _clip_max say. Refused with "
+            "rollout_engine='trl' (TRL's generate samples from the training model itself: there is no gap) and "
+            "with use_vllm (not implemented on SparkGRPOTrainer's path). Default False (the study had none)."
+        },
     )
     # Generation backend
     rollout_engine: str = field(
@@ -249,12 +258,50 @@ class SparkGRPOConfig(GRPOConfig):
             raise ValueError(f"aux_batch_size must be at least 1, got {self.aux_batch_size}")
         if self.aux_max_length < 16:
             raise ValueError(f"aux_max_length must be at least 16 tokens, got {self.aux_max_length}")
-        super().__post_init__()
+        super().__post_init__()  # rewrites the deprecated vllm_importance_sampling_cap into _clip_max
+        check_sampler_correction(self)
 
     @property
     def adaptive(self) -> bool:
         """Whether groups can grow beyond their initial size."""
         return self.max_generations > self.min_generations
+
+
+def check_sampler_correction(args) -> None:
+    """The sampler's importance-sampling settings (TRL's `vllm_importance_sampling_*` fields): values that mean
+    something, and a sampler to correct for. Called by the config and again by the trainer."""
+    from .grpo_math import SAMPLER_IS_MODES
+
+    _check_choice("vllm_importance_sampling_mode", args.vllm_importance_sampling_mode, SAMPLER_IS_MODES)
+    for name in ("vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} bounds an importance ratio: a finite number >= 0 or None, got {value}")
+    low, high = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
+    if high is not None and high <= 0:
+        raise ValueError("vllm_importance_sampling_clip_max=0 would zero every importance weight")
+    if low is not None and high is not None and low >= high:  # TRL checks it too; a changed dataclass may not
+        raise ValueError(f"vllm_importance_sampling_clip_min ({low}) must be less than "
+                         f"vllm_importance_sampling_clip_max ({high})")
+    if not args.vllm_importance_sampling_correction:
+        return
+    if args.vllm_importance_sampling_mode.endswith("truncate") and low is None and high is None:
+        raise ValueError("vllm_importance_sampling_mode='*_truncate' needs vllm_importance_sampling_clip_min or "
+                         "_clip_max")
+    if args.use_vllm:
+        raise ValueError(
+            "vllm_importance_sampling_correction=True with use_vllm=True is not supported by SparkGRPOTrainer yet "
+            "(its adaptive rollouts do not keep vLLM's log-probs); set it to False, or sample with "
+            "rollout_engine='spark', for which the correction is implemented")
+    if args.rollout_engine != "spark":
+        raise ValueError(
+            f"vllm_importance_sampling_correction=True needs a sampler other than the training model: "
+            f"rollout_engine='spark' (got {args.rollout_engine!r}; 'auto' resolves to 'trl' without a CUDA GPU, "
+            "with FSDP/DeepSpeed or vLLM). With rollout_engine='trl' TRL's generate samples from the training "
+            "model itself, so there is no sampler/trainer gap to correct: set it to False")
+    if args.loss_type == "vespo" and not args.vllm_importance_sampling_mode.startswith("token"):
+        raise ValueError("loss_type='vespo' needs vllm_importance_sampling_mode 'token_truncate' or 'token_mask' "
+                         "(TRL's rule: VESPO builds sequence weights itself)")
 
 
 def resolve_rollout_engine(args) -> str:

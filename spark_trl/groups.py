@@ -32,9 +32,10 @@ class ReportsOutcomes(Protocol):
     last_outcomes: list[ExecutionOutcome]
 
 
-# (prompts, per_prompt) -> (prompt_ids, completion_ids, completions): one call of the generation backend, where
-# `prompts` holds each prompt `per_prompt` times in a row.
-Generate = Callable[[list, int], tuple[list, list, list]]
+# (prompts, per_prompt) -> (prompt_ids, completion_ids, completions, sampler log-probs): one call of the generation
+# backend, where `prompts` holds each prompt `per_prompt` times in a row. The sampler's log-probs of the sampled
+# tokens (one list per completion, aligned with its ids) are None when the backend does not report them.
+Generate = Callable[[list, int], tuple[list, list, list, list | None]]
 # (rows, prompts, completions, completion_ids) -> (rewards (n, reward functions), outcomes or None per completion)
 Score = Callable[[list, list, list, list], tuple[torch.Tensor, list]]
 
@@ -49,6 +50,8 @@ class GrownGroups:
     prompt_ids: list[list[int]] = field(default_factory=list)
     completion_ids: list[list[int]] = field(default_factory=list)
     completions: list = field(default_factory=list)  # texts, or chat messages
+    # per completion: the sampler's log-prob of each sampled token, or None where the backend gave none
+    sampler_logps: list[list[float] | None] = field(default_factory=list)
     outcomes: list[ExecutionOutcome | None] = field(default_factory=list)
     reward_chunks: list[torch.Tensor] = field(default_factory=list)  # one (n_round, reward functions) per round
     sizes: list[int] = field(default_factory=list)  # final size of each group
@@ -62,7 +65,8 @@ class GrownGroups:
         offset = len(self.rows)
         self.rows += other.rows
         self.group_of += [offset + i for i in other.group_of]
-        for name in ("prompts", "prompt_ids", "completion_ids", "completions", "outcomes", "reward_chunks", "sizes"):
+        for name in ("prompts", "prompt_ids", "completion_ids", "completions", "sampler_logps", "outcomes",
+                     "reward_chunks", "sizes"):
             getattr(self, name).extend(getattr(other, name))
         self.generated_tokens += other.generated_tokens
 
@@ -139,10 +143,12 @@ class GroupGrower:
         out.prompt_ids.extend(t[0] for t in taken)
         out.completion_ids.extend(completion_ids)
         out.completions.extend(completions)
+        out.sampler_logps.extend(t[3] for t in taken)
 
     def _sample(self, out: GrownGroups, spares, groups: list[int], per_prompt: int, filler, first: bool):
         """One backend call with the same number of prompts on every rank; returns this rank's (prompt ids,
-        completion ids, completion) for `groups`, `per_prompt` each, keeping prefetched extras as spares."""
+        completion ids, completion, sampler log-probs) for `groups`, `per_prompt` each, keeping prefetched extras
+        as spares (with their log-probs, so that a top-up taken from them later keeps its own)."""
         n_global = self.ranks.max(len(groups))
         if n_global == 0:
             return None
@@ -152,12 +158,14 @@ class GroupGrower:
         sampled = self.k_max if (self.prefetch and first) else per_prompt
         prompt_rows = [out.rows[g] for g in groups] + [pad_row] * (n_global - len(groups))
         prompts = [row["prompt"] for row in prompt_rows for _ in range(sampled)]
-        p_ids, c_ids, comps = self.generate(prompts, sampled)
+        p_ids, c_ids, comps, logps = self.generate(prompts, sampled)
+        logps = logps if logps is not None else [None] * len(c_ids)
         out.generated_tokens += sum(len(c) for c in c_ids[:len(groups) * sampled])
         taken = []
         for k, g in enumerate(groups):
             for j in range(sampled):
-                item = (p_ids[k * sampled + j], c_ids[k * sampled + j], comps[k * sampled + j])
+                n = k * sampled + j
+                item = (p_ids[n], c_ids[n], comps[n], logps[n])
                 (taken if j < per_prompt else spares[g]).append(item)
         return taken
 

@@ -42,6 +42,11 @@ class SparkStats:
     kl_seq_sum: float = 0.0  # sum over sequences in the loss of each sequence's token-mean KL (the card's KL)
     kl_seqs: int = 0
     ref_forward_sequences: int = 0  # sequences that went through the reference forward
+    # |logp_trainer_old - logp_sampler| over the tokens in the loss, where the sampler reports log-probs (the fast
+    # engine) and old log-probs are computed (rollout_schedule="epoch", or the sampler correction on)
+    sampler_logp_diff_sum: float = 0.0
+    sampler_logp_tokens: int = 0
+    sampler_logp_diff_max: float = 0.0
     optimizer_steps: int = 0  # optimizer steps taken with a gradient
     optimizer_steps_skipped: int = 0  # optimizer steps in which no rank had anything in the loss: not taken
     aux_examples: Counter = field(default_factory=Counter)
@@ -69,6 +74,8 @@ class SparkStats:
             "tokens_saved_vs_max_generations": self.tokens_saved,
             "sequences_in_loss": self.sequences_in_loss,
             "ref_forward_sequences": self.ref_forward_sequences,
+            "sampler_logp_diff_mean": ratio(self.sampler_logp_diff_sum, self.sampler_logp_tokens),
+            "sampler_logp_diff_max": self.sampler_logp_diff_max if self.sampler_logp_tokens else None,
             "optimizer_steps": self.optimizer_steps,
             "optimizer_steps_skipped": self.optimizer_steps_skipped,
             "aux_examples": dict(self.aux_examples),

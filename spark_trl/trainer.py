@@ -38,9 +38,10 @@ from . import trl_private
 from .batching import (build_tensors, deal_in_order, deal_round_robin, pad_layout, rows_per_micro_step,
                        split_micro_batches)
 from .collectives import Ranks
-from .configs import SparkGRPOConfig, check_group_sizes
+from .configs import SparkGRPOConfig, check_group_sizes, check_sampler_correction
 from .groups import GroupGrower, GrownGroups, ReportsOutcomes, outcomes_of
-from .grpo_math import clip_sums, group_advantages, in_loss, kl_sums, spark_policy_loss
+from .grpo_math import (clip_sums, group_advantages, in_loss, kl_sums, sampler_importance_weights,
+                        sampler_mismatch_sums, sampler_weight_figures, spark_policy_loss)
 from .monitor import CollapseMonitor
 from .recycling import AuxiliaryObjective, RecyclingObjective, Rollout
 from .sampling import CoveringRepeatSampler, epoch_order
@@ -160,6 +161,9 @@ class SparkGRPOTrainer(GRPOTrainer):
 
         self._engine = None
         self._engine_synced_step = None
+        # The sampler's importance-sampling correction (TRL's vllm_importance_sampling_*, for the fast engine).
+        self._sampler_correction = bool(args.vllm_importance_sampling_correction)
+        self._warned_no_sampler_logps = False
         if args.rollout_engine == "spark":
             from .rollout import FastRolloutEngine  # checked importable in _validate
 
@@ -223,10 +227,7 @@ class SparkGRPOTrainer(GRPOTrainer):
             raise ValueError(
                 f"scale_rewards={args.scale_rewards!r}: SparkGRPOTrainer normalises within each (possibly topped-up) "
                 "group; use 'group' or 'none'")
-        if args.use_vllm and args.vllm_importance_sampling_correction:
-            raise ValueError(
-                "vllm_importance_sampling_correction is not supported by SparkGRPOTrainer yet; set it to False "
-                "when use_vllm=True (the old log-probs are still those of the training model)")
+        check_sampler_correction(args)
         local_batch = args.per_device_train_batch_size * args.steps_per_generation
         if local_batch % args.min_generations != 0:
             raise ValueError(
@@ -454,9 +455,12 @@ class SparkGRPOTrainer(GRPOTrainer):
         return ScoredRollout(grown, rewards_per_func, rewards, advantages, no_variance, keep,
                              self._extra_columns.columns)
 
-    def _generate_round(self, prompts: list, per_prompt: int) -> tuple[list, list, list]:
-        """One call of the generation backend: `prompts` holds each prompt `per_prompt` times in a row."""
+    def _generate_round(self, prompts: list, per_prompt: int) -> tuple[list, list, list, list | None]:
+        """One call of the generation backend: `prompts` holds each prompt `per_prompt` times in a row. Returns
+        prompt ids, completion ids, completions and the sampler's per-token log-probs (the fast engine's
+        `last_logprobs`; None from TRL's backends and from the engine's `model.generate` fallback)."""
         prompt_ids = trl_private.tokenize_prompts(self, prompts)
+        sampler_logps = None
         if self._engine is not None:
             if self._engine_synced_step != self.state.global_step:
                 self._engine.sync_weights(self.accelerator.unwrap_model(self.model))
@@ -466,6 +470,14 @@ class SparkGRPOTrainer(GRPOTrainer):
                 raise RuntimeError(
                     f"FastRolloutEngine.generate returned {len(completion_ids)} completions for {len(prompt_ids)} "
                     "prompts; it must return one per prompt")
+            sampler_logps = self._engine.last_logprobs
+            if sampler_logps is not None and [len(x) for x in sampler_logps] != [len(c) for c in completion_ids]:
+                raise RuntimeError("FastRolloutEngine.last_logprobs does not line up with the completions it "
+                                   "returned: one log-prob per completion token is needed")
+            if sampler_logps is None and self._sampler_correction and not self._warned_no_sampler_logps:
+                self._warned_no_sampler_logps = True
+                logger.warning("the fast engine gave no sampler log-probs (it fell back to model.generate, which "
+                               "samples from the training model itself): those completions get importance weight 1")
         else:
             # TRL's backend: transformers generate, continuous batching, or vLLM (whose server mode de-duplicates
             # prompts by taking every `per_prompt`-th one, hence the contiguous repeats).
@@ -475,7 +487,7 @@ class SparkGRPOTrainer(GRPOTrainer):
             completions = [[{"role": "assistant", "content": c}] for c in contents]
         else:
             completions = contents
-        return prompt_ids, completion_ids, completions
+        return prompt_ids, completion_ids, completions, sampler_logps
 
     def _score(self, rows, prompts, completions, completion_ids):
         """Rewards (n, reward functions) of this rank's completions and their outcomes (from a reward function
@@ -602,7 +614,7 @@ class SparkGRPOTrainer(GRPOTrainer):
                                                   * args.steps_per_generation / acc, device=device)
                                      for k in range(n_micro)]
         if totals[0] or sum(self._micro_step_rows) or self._step_had_backward:  # else no rank runs a forward
-            self._add_logps(batch, src, real)
+            self._add_logps(batch, src, real, self._sampler_tensor(grown, src, batch["completion_ids"].size(1)))
         self._rollout_global_step = self.state.global_step
         return batch
 
@@ -623,17 +635,35 @@ class SparkGRPOTrainer(GRPOTrainer):
         n_steps = max(1, -(-most // (bs * accumulation)))
         return kept, deal_in_order(kept, n_steps, bs * accumulation, accumulation, bs), bs
 
+    def _sampler_tensor(self, grown: GrownGroups, src: list, width: int) -> torch.Tensor | None:
+        """The sampler's log-probs of the batch's completion tokens, (rows, width) like `completion_ids`: NaN where
+        unknown (padding, the dummy row, a round without them). None when no completion of the rollout has them
+        on any rank (TRL's backends)."""
+        if self._engine is None:  # the same on every rank
+            return None
+        have = any(lp is not None for lp in grown.sampler_logps)
+        if not self._ranks.max(int(have)):
+            return None
+        out = torch.full((len(src), width), float("nan"))
+        for j, i in enumerate(src):
+            lp = grown.sampler_logps[i] if i is not None else None
+            if lp:
+                out[j, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        return out.to(self.accelerator.device)
+
     def _pad_id(self) -> int:
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         return tokenizer.pad_token_id
 
     @torch.no_grad()
-    def _add_logps(self, batch, src, real):
-        """Reference log-probs (beta != 0) and old log-probs (when a rollout outlives an optimizer step), computed
-        once per rollout, for the sequences in the loss only; padding rows copy those of the row they repeat."""
+    def _add_logps(self, batch, src, real, sampler_logps=None):
+        """Reference log-probs (beta != 0) and old log-probs (when a rollout outlives an optimizer step, or for the
+        sampler correction), computed once per rollout, for the sequences in the loss only; padding rows copy
+        those of the row they repeat. With the sampler's log-probs at hand, the old ones measure the gap."""
         generate_every = self.args.steps_per_generation * self.num_iterations
         need_old = (self.args.gradient_accumulation_steps % generate_every != 0
-                    or self.args.rollout_schedule == "epoch")  # the pass outlives its first optimizer step
+                    or self.args.rollout_schedule == "epoch"  # the pass outlives its first optimizer step
+                    or self._sampler_correction)  # the weight needs the trainer's log-probs at generation time
         if self.beta == 0.0 and not need_old:
             return
         device = self.accelerator.device
@@ -672,6 +702,8 @@ class SparkGRPOTrainer(GRPOTrainer):
             if need_old:
                 # Only used after the policy has changed (see _compute_loss).
                 batch["old_per_token_logps"] = forward(self.model)
+                if sampler_logps is not None:
+                    self._sampler_figures(batch, sampler_logps, real)
             if self.beta != 0.0:
                 self.ref_forward_calls += 1
                 # Summed over ranks like every SparkStats figure (each rank has its own rows).
@@ -683,6 +715,37 @@ class SparkGRPOTrainer(GRPOTrainer):
                     name = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
                     with use_adapter(unwrapped, adapter_name=name):
                         batch["ref_per_token_logps"] = forward(self.model)
+
+    def _sampler_figures(self, batch, sampler_logps, real) -> None:
+        """The sampler/trainer gap of the rollout's tokens in the loss, logged under TRL's names in every run that
+        has both log-probs; with the correction on, also the importance weights (into the batch) and their
+        figures. Figures are global over ranks: the mean |diff| is token-weighted (TRL averages the ranks'
+        means)."""
+        mask = batch["completion_mask"] * batch["tool_mask"]
+        rows = torch.tensor(real, dtype=torch.bool, device=mask.device)
+        old = batch["old_per_token_logps"]
+        diff_sum, tokens, diff_max = sampler_mismatch_sums(old, sampler_logps, mask, rows)
+        fig = None
+        if self._sampler_correction:
+            args = self.args
+            weights = sampler_importance_weights(
+                old, sampler_logps, mask, args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
+                args.vllm_importance_sampling_clip_max)
+            batch["importance_sampling_ratio"] = weights
+            fig = sampler_weight_figures(weights, mask, rows)
+        total = self._ranks.sum([diff_sum, tokens] + (fig[:2] if fig else []))
+        extremes = self._ranks.gather([diff_max] + (fig[2:] if fig else []))
+        m = trl_private.metrics(self)
+        if total[1]:
+            m["sampling/sampling_logp_difference/mean"].append(total[0] / total[1])
+            m["sampling/sampling_logp_difference/max"].append(max(e[0] for e in extremes))
+            self._stats.sampler_logp_diff_sum += total[0]
+            self._stats.sampler_logp_tokens += int(total[1])
+            self._stats.sampler_logp_diff_max = max(self._stats.sampler_logp_diff_max, *(e[0] for e in extremes))
+        if fig and total[3]:
+            m["sampling/importance_sampling_ratio/mean"].append(total[2] / total[3])
+            m["sampling/importance_sampling_ratio/min"].append(min(e[1] for e in extremes))
+            m["sampling/importance_sampling_ratio/max"].append(max(e[2] for e in extremes))
 
     # ------------------------------------------------------------------------------------------------ loss
 
@@ -720,7 +783,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"] * inputs["tool_mask"]
         per_seq, ratio, kl = spark_policy_loss(
             logps, logps.detach() if old is None else old, inputs.get("ref_per_token_logps"), inputs["advantages"],
-            mask, self.epsilon_low, self.epsilon_high, self.beta)
+            mask, self.epsilon_low, self.epsilon_high, self.beta, inputs.get("importance_sampling_ratio"))
         loss = (per_seq * inputs["seq_weight"]).sum() * self._sequence_scale(inputs)
         self._log_loss_figures(ratio.detach(), None if kl is None else kl.detach(), inputs, mask)
         return loss
@@ -752,7 +815,10 @@ class SparkGRPOTrainer(GRPOTrainer):
         """TRL's loss types, re-weighted from TRL's per-micro-batch mean to the rollout's global normalisation."""
         metrics = trl_private.metrics(self)
         n_kl = len(metrics["kl"])
-        loss = super()._compute_loss(model, inputs)
+        # TRL multiplies its per-token loss by the batch's importance_sampling_ratio only on its vLLM path.
+        corrected = self._sampler_correction and "importance_sampling_ratio" in inputs
+        with trl_private.sampler_correction_in_loss(self, corrected):
+            loss = super()._compute_loss(model, inputs)
         if self.loss_type in ("grpo", "sapo", "luspo", "dr_grpo"):
             # TRL averages over the B rows of the micro-batch and divides by the accumulation steps.
             loss = loss * inputs["prompt_ids"].size(0) * self.current_gradient_accumulation_steps \

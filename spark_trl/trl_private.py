@@ -70,6 +70,10 @@ def check(trainer=None) -> None:
             problems.append(f"trl.trainer.grpo_trainer.{name} is gone")
     if "gather(rewards_per_func)" not in inspect.getsource(GRPOTrainer._calculate_rewards):
         problems.append("GRPOTrainer._calculate_rewards no longer ends with gather(rewards_per_func)")
+    loss_source = inspect.getsource(GRPOTrainer._compute_loss)
+    if SAMPLER_CORRECTION_LINE not in loss_source or loss_source.count("self.use_vllm") != 1:
+        problems.append("GRPOTrainer._compute_loss no longer weighs its per-token loss by importance_sampling_ratio "
+                        "under `self.use_vllm and self.vllm_importance_sampling_correction` alone (or reads use_vllm elsewhere)")
     for module, names in TRL_HELPERS.items():
         imported = importlib.import_module(module)
         problems += [f"{module}.{name} is gone" for name in names if not hasattr(imported, name)]
@@ -144,6 +148,28 @@ def wrap_method(trainer, name: str, wrap) -> None:
     if name not in GRPO_METHODS:
         raise ValueError(f"{name} is not one of the TRL privates listed in spark_trl/trl_private.py")
     setattr(trainer, name, wrap(getattr(trainer, name)))
+
+
+# The line of GRPOTrainer._compute_loss that `sampler_correction_in_loss` relies on.
+SAMPLER_CORRECTION_LINE = ('if self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo":\n'
+                           '            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]')
+
+
+@contextlib.contextmanager
+def sampler_correction_in_loss(trainer, on: bool):
+    """TRL's `_compute_loss` multiplies the per-token loss by `inputs["importance_sampling_ratio"]` only when
+    `use_vllm` (SAMPLER_CORRECTION_LINE; VESPO reads the ratio from the inputs whatever `use_vllm` says). For the
+    fast engine's rollouts the trainer computes that ratio itself, so `use_vllm` reads True for the duration of
+    the call; `_compute_loss` reads it nowhere else (`check()` verifies both)."""
+    if not on:
+        yield
+        return
+    saved = trainer.use_vllm
+    trainer.use_vllm = True
+    try:
+        yield
+    finally:
+        trainer.use_vllm = saved
 
 
 # ------------------------------------------------------------------------------------------------- bookkeeping
