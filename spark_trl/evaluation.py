@@ -359,7 +359,8 @@ def score_completions(problems: Sequence[Problem], completions: Sequence[Sequenc
                 "benchmark": name, "task_id": problem.task_id, "sample": j, "completion": completion,
                 "code": codes[k], "status": outcome.status.value, "error_type": _first_error_type(outcome),
                 "error_tail": outcome.error_tail, "tests_passed": outcome.passed, "tests_total": outcome.total,
-                "tests_not_run": outcome.not_run, "passed": outcome.all_passed, "no_attempt": is_no_attempt(codes[k], problem.entry_point)})
+                "tests_not_run": outcome.not_run, "passed": outcome.all_passed,
+                "no_attempt": is_no_attempt(codes[k], problem.entry_point)})
             k += 1
         records.append(record)
     return records

@@ -19,8 +19,7 @@ from typing import Sequence
 
 from . import isolation, wire, workdir
 
-# When a job stops running its tests (``Job.stop_after``); the judge checks the same names.
-STOP_AFTER = ("never", "timeout", "failure")
+STOP_AFTER = wire.STOP_AFTER  # the values of ``Job.stop_after``
 
 
 @dataclass

@@ -30,7 +30,6 @@ import traceback
 from ..outcome import NOT_RUN
 from ..prompts import extract_code
 from . import isolation, names, wire, workdir, zygote
-from .executor import STOP_AFTER
 from .runner import ERROR_TAIL, handles_refused, tail
 
 
@@ -404,10 +403,10 @@ class Judge:
         t0 = time.perf_counter()
         tests = job["tests"]
         stop_after = job.get("stop_after", "never")
-        if type(stop_after) is not str or stop_after not in STOP_AFTER:
+        if type(stop_after) is not str or stop_after not in wire.STOP_AFTER:
             # The caller validates it (Executor.validate); a message that still carries something else is a
             # fault of the harness: every test says so, no program runs.
-            why = f"invalid stop_after {stop_after!r:.80} (expected one of {', '.join(STOP_AFTER)})"
+            why = f"invalid stop_after {stop_after!r:.80} (expected one of {', '.join(wire.STOP_AFTER)})"
             return {"tests": [("runtime_error", 0.0, "HarnessError", why)] * len(tests),
                     "duration": time.perf_counter() - t0, "code": job.get("code", ""), "runners": 0}
         code = self._extracted(job) if job.get("extract") else job["code"]
