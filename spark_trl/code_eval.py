@@ -12,7 +12,10 @@ seccomp, Landlock, resource limits), the reference in the sandbox's trusted judg
 How a reference becomes sandbox tests. A reference made of definitions (imports, functions, classes) followed by
 two or more ``assert`` statements (MBPP's style) becomes one test per assert, each preceded by the definitions:
 per-test results, same verdict. Anything else (HumanEval's ``def check(candidate): ...`` then ``check(f)``) is one
-test. A sample passes when every test ran to the end, as ``code_eval``'s passes when its ``exec`` returned.
+test. A sample passes when every test ran to the end, as ``code_eval``'s passes when its ``exec`` returned. Like
+that ``exec``, a candidate's tests stop at the first one that fails (``Job.stop_after="failure"``; a looping
+candidate costs one timeout, not one per assert): its result's ``tests_passed`` counts the tests passed before the
+failure and ``tests_not_run`` the tests after it.
 
 What differs from ``code_eval``, on purpose:
 
@@ -22,7 +25,8 @@ What differs from ``code_eval``, on purpose:
   but cannot rebind them, and values cross as plain data (objects of the candidate's own classes stay in the
   sandbox behind handles that compare equal only to themselves);
 * ``timeout`` (seconds) applies to each test, so a reference split into N asserts gives a slow candidate up to N
-  times ``code_eval``'s per-program budget; each candidate's address space is capped at 2 GiB;
+  times ``code_eval``'s per-program budget (each test under the limit); each candidate's address space is capped
+  at 2 GiB;
 * bad input is an error before anything runs: a reference that does not compile, an empty list of candidates,
   predictions and references of different lengths (``code_eval`` fails every candidate of such a reference,
   skips the empty list, truncates to the shorter list). Like ``code_eval``, a ``k`` larger than some problem's
@@ -103,7 +107,8 @@ def _sample_result(task_id: int, completion_id: int, outcome) -> dict:
         lines = [line for line in tail.strip().splitlines() if line.strip()]
         result = f"failed: {lines[-1].strip() if lines else (failing.error_type if failing else status)}"
     return {"task_id": task_id, "completion_id": completion_id, "passed": status == "passed", "result": result,
-            "status": status, "tests_passed": outcome.passed, "tests_total": outcome.total}
+            "status": status, "tests_passed": outcome.passed, "tests_total": outcome.total,
+            "tests_not_run": outcome.not_run}
 
 
 def compute_code_eval(predictions: Sequence[Sequence[str]], references: Sequence[str],
@@ -140,7 +145,8 @@ def compute_code_eval(predictions: Sequence[Sequence[str]], references: Sequence
         tests = reference_tests(reference, f"references[{task_id}]")
         tests = [_LOAD_CHECK + tests[0], *tests[1:]]
         for completion_id, candidate in enumerate(candidates):
-            jobs.append(Job(code=candidate, tests=tests, timeout=timeout, task_id=f"references[{task_id}]"))
+            jobs.append(Job(code=candidate, tests=tests, timeout=timeout, task_id=f"references[{task_id}]",
+                            stop_after="failure"))
             index.append((task_id, completion_id))
     own = executor is None
     if own:

@@ -6,6 +6,9 @@ pass@k estimator, pass@1 and pass@5. What differs from the study's code:
 * generation is batched (left padding; the batch halves on out-of-memory until it fits) or runs on vLLM;
 * programs run in the sandbox (``spark_trl.sandbox``), one process per test, and pass only when every test
   passes by returning normally (not by ``sys.exit(0)``);
+* a sample's tests stop at its first failing test (``Job.stop_after="failure"``): pass@k needs every test to
+  pass, so the score is exact, and a looping sample costs one timeout instead of one per test. A sample record's
+  ``tests_passed`` then counts the tests passed before the first failure and ``tests_not_run`` those skipped;
 * a HumanEval program runs after its prompt's imports and helpers (``Problem.test_setup``), so a completion
   that restates only the function is not failed for the ``from typing import List`` it left out;
 * sampling runs under an isolated random state: evaluating never shifts the training's random streams;
@@ -304,9 +307,11 @@ def _progress(total: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------------------------- scoring
 
 
-def build_jobs(problems: Sequence[Problem], completions: Sequence[Sequence[str]], timeout: float | None = None):
+def build_jobs(problems: Sequence[Problem], completions: Sequence[Sequence[str]], timeout: float | None = None,
+               stop_after: str = "failure"):
     """One sandbox job per sample: the extracted program, run after the problem's setup (imports and, for
-    HumanEval, the prompt's helpers), against the problem's tests."""
+    HumanEval, the prompt's helpers), against the problem's tests, up to the first that fails (``stop_after``:
+    pass@k only asks whether all pass; ``"never"`` runs every test, for per-test counts)."""
     from .sandbox import Job
 
     jobs, codes = [], []
@@ -315,7 +320,7 @@ def build_jobs(problems: Sequence[Problem], completions: Sequence[Sequence[str]]
             code = extract_code(completion, problem.entry_point)
             codes.append(code)
             jobs.append(Job(code=code, tests=list(problem.tests), setup=problem.test_setup, timeout=timeout,
-                            task_id=problem.task_id, entry_point=problem.entry_point))
+                            task_id=problem.task_id, entry_point=problem.entry_point, stop_after=stop_after))
     return jobs, codes
 
 
@@ -328,9 +333,11 @@ def _first_error_type(outcome) -> str | None:
 
 def score_completions(problems: Sequence[Problem], completions: Sequence[Sequence[str]], executor,
                       name: str = "eval", timeout: float | None = None, indices: Sequence[int] | None = None,
-                      progress: bool = False) -> list[dict]:
+                      progress: bool = False, stop_after: str = "failure") -> list[dict]:
     """Run every completion in the sandbox; one record per problem with its samples (completion, executed
-    program, status, error type, tests passed).
+    program, status, error type, tests passed, tests not run). A sample's tests stop at its first failure
+    (``stop_after``, see ``build_jobs``): its status and error are the first failing test's, as with every test
+    run, and ``tests_passed`` counts the tests passed before it.
 
     Example:
     ```python
@@ -340,7 +347,7 @@ def score_completions(problems: Sequence[Problem], completions: Sequence[Sequenc
     True
     ```
     """
-    jobs, codes = build_jobs(problems, completions, timeout)
+    jobs, codes = build_jobs(problems, completions, timeout, stop_after)
     outcomes = executor.run(jobs, progress=progress) if jobs else []
     records, k = [], 0
     for index, problem, samples in zip(indices if indices is not None else range(len(problems)), problems,
@@ -352,7 +359,8 @@ def score_completions(problems: Sequence[Problem], completions: Sequence[Sequenc
                 "benchmark": name, "task_id": problem.task_id, "sample": j, "completion": completion,
                 "code": codes[k], "status": outcome.status.value, "error_type": _first_error_type(outcome),
                 "error_tail": outcome.error_tail, "tests_passed": outcome.passed, "tests_total": outcome.total,
-                "passed": outcome.all_passed, "no_attempt": is_no_attempt(codes[k], problem.entry_point)})
+                "tests_not_run": outcome.not_run, "passed": outcome.all_passed,
+                "no_attempt": is_no_attempt(codes[k], problem.entry_point)})
             k += 1
         records.append(record)
     return records

@@ -10,6 +10,11 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 
+# The error type of a test the sandbox did not run: the job's ``stop_after`` rule stopped it at an earlier test
+# (``spark_trl.sandbox.Job``). Such a test carries that earlier test's status.
+NOT_RUN = "NotRun"
+
+
 class Status(str, Enum):
     """The class of one test's result, or of a whole attempt (that of its first failing test)."""
 
@@ -56,11 +61,17 @@ class ExecutionOutcome:
         return len(self.tests)
 
     @property
+    def not_run(self) -> int:
+        """Tests the sandbox skipped after an earlier timeout or failure (``Job.stop_after``); counted in
+        ``total``, never in ``passed``."""
+        return sum(t.error_type == NOT_RUN for t in self.tests)
+
+    @property
     def all_passed(self) -> bool:
         return self.status is Status.PASSED
 
     def to_dict(self) -> dict:
-        return {"status": self.status.value, "passed": self.passed, "total": self.total,
+        return {"status": self.status.value, "passed": self.passed, "total": self.total, "not_run": self.not_run,
                 "duration": self.duration, "code": self.code, "error_tail": self.error_tail,
                 "no_attempt": self.no_attempt,
                 "tests": [t.to_dict() for t in self.tests]}

@@ -32,6 +32,23 @@ Three scoring modes (``mode=``), because what a reward pays for is what GRPO tea
     up is the best policy and GRPO finds it: on the GPU learning benchmark one SmolLM2-135M seed went from held-out
     pass@1 0.385 to 0.003, 98 % of its samples stubs (docs/benchmarks.md, "Learning").
 
+When a completion's tests stop (``Job.stop_after``; a job's tests run one after another, and a test that times out
+costs the whole per-test ``timeout``, so an endless loop used to cost n_tests x timeout and held the whole GRPO
+step: 30 s for 3 MBPP tests x 10 s, on a step of ~4 s):
+
+    binary   -> "failure": the first test that does not pass ends the job. Exact: any failure scores 0.
+    progress -> "timeout": the first test that times out ends the job; the rest count as not passed.
+                An approximation: a program that exceeds the limit on one test is scored as timing out on the
+                rest too, losing the partial credit of later tests it would have passed. That is rare (a program
+                that loops on one input mostly loops on the others) and the trade is one timeout per completion
+                instead of n_tests of them; wrong answers and errors do not stop it, so partial credit is
+                otherwise exact. ``stop_after="never"`` restores the exact score.
+    study    -> "never": every test runs, as the study ran every assert (its score counts passed tests after a
+                timeout); the recipes reproduce it.
+
+The do-nothing stubs of progress mode always run every test (their per-test results are what they measure; they
+are fast, and run under min(timeout, 2 s)).
+
 The class of a failed attempt is that of its first failing test, as the sandbox saw it happen (``compile()``
 failure, the exception that ended the test, the harness's own deadline), never by searching the error text.
 
@@ -50,9 +67,12 @@ from typing import Any, Callable, Sequence
 
 from .outcome import ExecutionOutcome, Status, TestResult
 from .sandbox import Executor, Job, get_executor
+from .sandbox.executor import STOP_AFTER
 from .sandbox.names import free_globals, is_stdlib_module, stored_names
 
 REWARD_MODES = ("progress", "binary", "study")
+# When each mode stops running a completion's tests (the module docstring says why).
+MODE_STOP_AFTER = {"progress": "timeout", "binary": "failure", "study": "never"}
 STUDY_PENALTIES = dict(syntax_penalty=-0.2, runtime_penalty=-0.1, timeout_penalty=-0.3, wrong_answer_floor=0.0)
 
 # What the do-nothing stubs return: the constants a policy could answer without reading its input, and the
@@ -235,6 +255,9 @@ class ExecutionReward:
         workers: judge processes of a private executor (default: one per CPU).
         executor: an ``Executor`` to share; default: the process-wide ``get_executor()`` (or a private one when
             ``workers``/``timeout`` differ from the defaults).
+        stop_after: when a completion's remaining tests are skipped (``Job.stop_after``): default the mode's rule,
+            ``"failure"`` for binary (exact), ``"timeout"`` for progress (an approximation, see the module
+            docstring), ``"never"`` for study.
 
     After each call ``last_outcomes`` holds one ``ExecutionOutcome`` per completion (the trainer logs them,
     Condition C's recycling reads them), each marked ``no_attempt``.
@@ -265,9 +288,13 @@ class ExecutionReward:
     def __init__(self, mode: str = "progress", syntax_penalty: float | None = None,
                  runtime_penalty: float | None = None, timeout_penalty: float | None = None,
                  wrong_answer_floor: float | None = None, timeout: float | None = None, workers: int | None = None,
-                 executor: Executor | None = None):
+                 executor: Executor | None = None, stop_after: str | None = None):
         if mode not in REWARD_MODES:
             raise ValueError(f"mode must be one of {', '.join(REWARD_MODES)}; got {mode!r}")
+        if stop_after is None:
+            stop_after = MODE_STOP_AFTER[mode]
+        if stop_after not in STOP_AFTER:
+            raise ValueError(f"stop_after must be one of {', '.join(STOP_AFTER)}; got {stop_after!r}")
         given = {k: v for k, v in dict(syntax_penalty=syntax_penalty, runtime_penalty=runtime_penalty,
                                        timeout_penalty=timeout_penalty,
                                        wrong_answer_floor=wrong_answer_floor).items() if v is not None}
@@ -281,6 +308,7 @@ class ExecutionReward:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.mode = mode
+        self.stop_after = stop_after
         values = {**STUDY_PENALTIES, **given}
         self.syntax_penalty = float(values["syntax_penalty"])
         self.runtime_penalty = float(values["runtime_penalty"])
@@ -347,8 +375,9 @@ class ExecutionReward:
         jobs, owners = [], []
         for key, (tests, setup, entry, name) in todo.items():
             for stub in do_nothing_programs(tests, setup, entry or None):
+                # Every test runs: which tests a stub passes is the measurement (and stubs are fast).
                 jobs.append(Job(code=stub, tests=tests, setup=setup, timeout=min(self.timeout, 2.0),
-                                task_id=f"{name} (do-nothing stub)", entry_point=entry))
+                                task_id=f"{name} (do-nothing stub)", entry_point=entry, stop_after="never"))
                 owners.append(key)
         found: dict[tuple, list[bool]] = {key: [False] * len(key[0]) for key in todo}
         for key, outcome in zip(owners, self.executor.run(jobs) if jobs else []):
@@ -390,7 +419,7 @@ class ExecutionReward:
             # The judge extracts the program (off this thread, under the job's deadline): no completion can
             # make this call raise or stall.
             jobs.append(Job(code=text, tests=list(t), setup=setups[i] or "", timeout=self.timeout, task_id=name,
-                            entry_point=entries[i] or "", extract=True))
+                            entry_point=entries[i] or "", extract=True, stop_after=self.stop_after))
             slots.append(i)
         for i, outcome in zip(slots, executor.run(jobs) if jobs else []):
             outcomes[i] = outcome
@@ -419,9 +448,14 @@ class ExecutionReward:
             n = len(outcomes)
             for status in Status:
                 log_metric(f"execution/{status.value}", sum(o.status is status for o in outcomes) / n)
+            # Tests skipped by the stopping rule count in the total, never as passed: under binary ("failure")
+            # tests_passed is the share passed before the first failure, a lower bound. They carry the stopping
+            # test's status, so test_timeouts counts a looping completion's skipped tests as timeouts, as it did
+            # when they ran and timed out; tests_not_run says how many were skipped.
             log_metric("execution/tests_passed", sum(o.passed / max(o.total, 1) for o in outcomes) / n)
             log_metric("execution/test_timeouts",
                        sum(t.status is Status.TIMEOUT for o in outcomes for t in o.tests) / n)
+            log_metric("execution/tests_not_run", sum(o.not_run for o in outcomes) / n)
             log_metric("execution/no_attempt", sum(o.no_attempt for o in outcomes) / n)
         if log_extra is not None:
             log_extra("execution_status", [o.status.value for o in outcomes])

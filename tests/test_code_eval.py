@@ -162,6 +162,24 @@ def test_same_verdicts_and_pass_at_k_as_code_eval_on_honest_programs(tmp_path, m
     assert (mbpp["tests_passed"], mbpp["tests_total"]) == (3, 3)
 
 
+def test_a_candidate_stops_at_its_first_failing_assert():
+    """As code_eval's single exec stops at the first failing assert: the verdict is the first failure's, and a
+    looping candidate costs one timeout, not one per assert."""
+    import time
+
+    reference = "\n".join(f"assert f({i}) == {i}" for i in range(4))
+    candidates = ["def f(x):\n    return x", "def f(x):\n    return 0", "def f(x):\n    while True:\n        pass"]
+    t0 = time.perf_counter()
+    pass_at_k, results = compute_code_eval(predictions=[candidates], references=[reference], k=[1], num_workers=2,
+                                           timeout=0.5)
+    assert time.perf_counter() - t0 < 4 * 0.5 + 5.0
+    assert float(pass_at_k["pass@1"]) == pytest.approx(1 / 3)
+    right, wrong, loop = (r for _, r in results[0])
+    assert (right["result"], right["tests_passed"], right["tests_not_run"]) == ("passed", 4, 0)
+    assert (wrong["result"], wrong["tests_passed"], wrong["tests_not_run"]) == ("failed: AssertionError", 1, 2)
+    assert (loop["result"], loop["tests_passed"], loop["tests_not_run"]) == ("timed out", 0, 3)
+
+
 def test_evaluate_loads_the_shipped_metric_without_the_hub(tmp_path):
     """What a Hugging Face user writes, in a fresh process whose Hugging Face caches are empty and offline."""
     code = (

@@ -144,6 +144,53 @@ def test_scoring_and_summary_count_only_programs_passing_every_test(mbpp_problem
     assert first_test  # problems have tests
 
 
+def test_samples_stop_at_their_first_failure_with_the_same_pass_at_k_and_verdicts(mbpp_problems):
+    """pass@k only asks whether every test passes: stopping a sample at its first failing test changes no
+    verdict, and a looping sample costs one timeout instead of one per test."""
+    import time
+
+    from spark_trl.sandbox import Executor
+
+    problems = mbpp_problems[:3]
+
+    def samples(p):
+        name = p.entry_point
+        return [p.reference,
+                f"def {name}(*args, **kwargs):\n    while True:\n        pass",  # loops on every test
+                f"def {name}(*args, **kwargs):\n    return None",  # a stub: wrong (or raising) everywhere
+                f"{p.reference}\n_calls = []\ndef {name}(*args, _f={name}, **kwargs):\n"  # right on the first
+                f"    _calls.append(1)\n    return _f(*args, **kwargs) if len(_calls) == 1 else None",
+                f"def {name}(:",
+                "import sys\nsys.exit(0)"]
+
+    completions = [samples(p) for p in problems]
+    with Executor(workers=2, timeout=0.5) as executor:
+        fast = score_completions(problems, completions, executor, name="mbpp", timeout=0.5)
+        every = score_completions(problems, completions, executor, name="mbpp", timeout=0.5, stop_after="never")
+        loop = [[completions[0][1]]]
+        t0 = time.perf_counter()
+        (looped,) = score_completions(problems[:1], loop, executor, timeout=0.5)
+        fast_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        score_completions(problems[:1], loop, executor, timeout=0.5, stop_after="never")
+        every_s = time.perf_counter() - t0
+    assert summarize(fast, ks=(1, 2, 5)) == summarize(every, ks=(1, 2, 5))
+    assert [p["c"] for p in summarize(fast, ks=(1,))[1]] == [1, 1, 1]
+    keys = ("status", "error_type", "error_tail", "passed", "no_attempt", "tests_total", "code")
+    for a, b in zip((s for r in fast for s in r["samples"]), (s for r in every for s in r["samples"])):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["code"]
+        assert b["tests_not_run"] == 0 and a["tests_passed"] <= b["tests_passed"]
+        # What did not run is said: passed, then the first failure, then not run. A program that does not
+        # compile (4) or does not load (5: it exits) fails every test alike, as before.
+        expected = 0 if a["sample"] in (0, 4, 5) else a["tests_total"] - a["tests_passed"] - 1
+        assert a["tests_not_run"] == expected, a["code"]
+    first_right = fast[0]["samples"][3]
+    assert (first_right["tests_passed"], first_right["tests_not_run"]) == (1, len(problems[0].tests) - 2)
+    assert looped["samples"][0]["status"] == "timeout" and looped["samples"][0]["tests_not_run"] == 2
+    n = len(problems[0].tests)
+    assert n == 3 and every_s >= n * 0.5 and fast_s < n * 0.5
+
+
 def test_evaluate_writes_every_sample_and_leaves_the_rng_alone(tiny, mbpp_problems, tmp_path):
     model, tokenizer = tiny
     config = EvalConfig(n_samples=2, max_new_tokens=4, batch_size=4, seed=5, progress=False, workers=2)
@@ -154,7 +201,8 @@ def test_evaluate_writes_every_sample_and_leaves_the_rng_alone(tiny, mbpp_proble
     assert torch.equal(torch.get_rng_state(), before)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 6
-    assert {"task_id", "completion", "code", "status", "error_type", "tests_passed", "tests_total"} <= set(rows[0])
+    assert {"task_id", "completion", "code", "status", "error_type", "tests_passed", "tests_total",
+            "tests_not_run"} <= set(rows[0])
     assert [r["task_id"] for r in rows[::2]] == [p.task_id for p in mbpp_problems[:3]]
     assert result.n_problems == 3 and set(result.pass_at) == {1}  # pass@5 needs 5 samples
     again = evaluate_problems(model, tokenizer, mbpp_problems[:3], config, name="mbpp")

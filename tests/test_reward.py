@@ -274,6 +274,105 @@ def test_mode_and_penalties_are_checked():
     assert ExecutionReward(mode="binary", syntax_penalty=0.0).mode == "binary"  # zero is no penalty
 
 
+# ------------------------------------------------------------------------------------ stopping rules
+
+# Crafted programs for ADD_TESTS: each mode's early stop must score them as running every test would.
+CRAFTED = [
+    "def add(a, b):\n    return a + b",  # all pass
+    "def add(a, b):\n    return a * b",  # wrong on 0, passes 1 and 2 (credit in progress)
+    "def add(a, b):\n    return a + b + 1 if a == 5 else a + b",  # wrong on the last test only
+    "def add(a, b):\n    if a == 1:\n        return 3\n    raise ValueError",  # passes 0, raises after
+    "def add(a, b):\n    return b",  # uninformative passes only
+    "def add(a, b):\n    return a +",  # syntax error
+    'def add(a, b):\n    """Add."""',  # stub
+    "def add(a, b):\n    raise KeyError(a) if a == 1 else None",  # raises on 0, None after
+]
+LOOPING = [
+    "def add(a, b):\n    while True:\n        pass",  # loops on every test
+    "def add(a, b):\n    if a == 1:\n        return 3\n    while True:\n        pass",  # passes 0, loops after
+    "def add(a, b):\n    while a == 2:\n        pass\n    return 0",  # wrong, loops, then passes 2 (stubs do)
+]
+
+
+def _scores(reward, programs):
+    return reward(completions=[_fenced(c) for c in programs], tests=ADD_TESTS, entry_point="add")
+
+
+def test_each_mode_has_its_stopping_rule(ex):
+    assert ExecutionReward(executor=ex).stop_after == "timeout"
+    assert ExecutionReward(mode="binary", executor=ex).stop_after == "failure"
+    assert ExecutionReward(mode="study", executor=ex).stop_after == "never"
+    assert ExecutionReward(mode="progress", stop_after="never", executor=ex).stop_after == "never"
+    with pytest.raises(ValueError, match="stop_after must be one of never, timeout, failure"):
+        ExecutionReward(stop_after="first")
+
+
+def test_binary_scores_are_exact_under_its_stop_at_the_first_failure(ex):
+    binary = ExecutionReward(mode="binary", executor=ex, timeout=0.5)
+    every = ExecutionReward(mode="binary", executor=ex, timeout=0.5, stop_after="never")
+    programs = CRAFTED + LOOPING
+    fast = _scores(binary, programs)
+    fast_outcomes = binary.last_outcomes
+    assert fast == _scores(every, programs) == [1.0] + [0.0] * (len(programs) - 1)
+    # Same verdicts (status, first failure's tail), fewer tests run.
+    assert [(o.status, o.error_tail) for o in fast_outcomes] == [(o.status, o.error_tail) for o in every.last_outcomes]
+    assert fast_outcomes[1].not_run == 3 and fast_outcomes[1].status is W  # wrong on test 0: nothing else ran
+    assert fast_outcomes[len(CRAFTED)].not_run == 3 and fast_outcomes[len(CRAFTED)].runners == 1
+    assert all(o.not_run == 0 for o in every.last_outcomes)
+
+
+def test_progress_scores_are_exact_when_nothing_times_out(ex):
+    progress = ExecutionReward(executor=ex, timeout=1.0)
+    every = ExecutionReward(executor=ex, timeout=1.0, stop_after="never")
+    assert _scores(progress, CRAFTED) == _scores(every, CRAFTED)
+    assert all(o.not_run == 0 for o in progress.last_outcomes)  # wrong answers and errors never stop it
+    assert _scores(progress, CRAFTED)[1] == pytest.approx(1 / 4)  # partial credit after a wrong answer kept
+
+
+def test_progress_scores_a_timeout_as_timing_out_on_the_remaining_tests(ex):
+    """The documented approximation: after a timeout the remaining tests earn nothing. Here that changes only
+    the third program, which loops on test 1 and would pass test 2 (uninformative: no credit either way) -- and
+    a program that loops on one test and then passes informative ones is the case that loses credit."""
+    progress = ExecutionReward(executor=ex, timeout=0.5)
+    every = ExecutionReward(executor=ex, timeout=0.5, stop_after="never")
+    assert _scores(progress, LOOPING) == _scores(every, LOOPING) == [0.0, 0.25, 0.0]
+    assert [o.not_run for o in progress.last_outcomes] == [3, 2, 2]
+    lossy = "def add(a, b):\n    while a == 1:\n        pass\n    return a + b"  # loops on test 0 only
+    assert _scores(every, [lossy]) == [pytest.approx(1 / 4)]  # add(2, 2) earned; the other two uninformative
+    assert _scores(progress, [lossy]) == [0.0]
+
+
+def test_study_runs_every_test_whatever_happens(ex):
+    """The study's rule counts the tests passed after a timeout (base - 0.3): every test still runs."""
+    study = ExecutionReward(mode="study", executor=ex, timeout=0.5)
+    lossy = "def add(a, b):\n    while a == 1:\n        pass\n    return a + b"  # loops on test 0 only
+    scores = _scores(study, LOOPING + [lossy])
+    assert all(o.not_run == 0 for o in study.last_outcomes)
+    assert [o.passed for o in study.last_outcomes] == [0, 1, 1, 3]
+    # (The third one's first failure is a wrong answer: max(base, 0).)
+    assert scores == [-0.3, pytest.approx(0.25 - 0.3), pytest.approx(0.25), pytest.approx(0.75 - 0.3)]
+
+
+def test_a_looping_completion_costs_one_timeout_in_progress_and_binary_modes(ex):
+    import time
+
+    loop = _fenced("def add(a, b):\n    while True:\n        pass")
+    walls = {}
+    for mode, rule in (("progress", None), ("binary", None), ("study", None), ("progress", "never")):
+        reward = ExecutionReward(mode=mode, executor=ex, timeout=0.5, stop_after=rule)
+        reward.uninformative_tests(ADD_TESTS, entry_point="add")  # the stubs' run is not what is timed
+        t0 = time.perf_counter()
+        metrics = {}
+        assert reward(completions=[loop], tests=ADD_TESTS, entry_point="add",
+                      log_metric=lambda k, v: metrics.setdefault(k, v)) == [-0.3 if mode == "study" else 0.0]
+        walls[mode, rule] = time.perf_counter() - t0
+        # Skipped tests carry the timeout's status: a looping completion counts 4 timed-out tests either way.
+        assert metrics["execution/test_timeouts"] == 4
+        assert metrics["execution/tests_not_run"] == (0 if mode == "study" or rule == "never" else 3)
+    assert walls["study", None] >= 4 * 0.5 and walls["progress", "never"] >= 4 * 0.5
+    assert walls["progress", None] < 4 * 0.5 and walls["binary", None] < 4 * 0.5
+
+
 # ------------------------------------------------------------------------------------ no attempt
 
 @pytest.mark.parametrize("code, entry, expected", [

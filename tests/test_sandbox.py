@@ -174,6 +174,105 @@ def test_infinite_loop_at_import_times_out_once(ex):
     assert out.runners == 1  # loaded once: the second test shares the first one's failure, no second wait
 
 
+# ----------------------------------------------------------------------------------------- stopping rule
+
+LOOP = "def f(x):\n    while True:\n        pass"
+FOUR_TESTS = [f"assert f({i}) == {i}" for i in range(4)]
+
+
+def _timed(ex, job):
+    t0 = time.perf_counter()
+    (out,) = ex.run([job])
+    return out, time.perf_counter() - t0
+
+
+def test_stop_after_timeout_ends_a_looping_job_after_one_deadline(ex):
+    never, never_s = _timed(ex, Job(LOOP, FOUR_TESTS, timeout=0.5))
+    stop, stop_s = _timed(ex, Job(LOOP, FOUR_TESTS, timeout=0.5, stop_after="timeout"))
+    # "never" waits out every test's deadline (deadlines never fire early); "timeout" only the first one.
+    assert never_s >= 4 * 0.5 and all(t.error_type == "Timeout" for t in never.tests) and never.runners == 4
+    assert stop_s < 4 * 0.5 and stop_s < never_s - 1.0
+    assert [t.status for t in stop.tests] == [Status.TIMEOUT] * 4 and stop.status is Status.TIMEOUT
+    assert stop.tests[0].error_type == "Timeout" and stop.tests[0].duration >= 0.5
+    assert stop.error_tail == never.error_tail == stop.tests[0].error_tail  # the outcome speaks of the real one
+    for t in stop.tests[1:]:
+        assert (t.error_type, t.duration) == ("NotRun", 0.0)
+        assert t.error_tail.startswith("not run: test 0 timed out") and "stop_after='timeout'" in t.error_tail
+    assert stop.runners == 1 and stop.not_run == 3 and never.not_run == 0
+    assert stop.passed == never.passed == 0 and stop.total == never.total == 4
+    assert_clean(ex)
+
+
+def test_stop_after_timeout_keeps_running_past_other_failures(ex):
+    code = "def f(x):\n    while x == 2:\n        pass\n    return 0"  # wrong on 1, loops on 2
+    (out,) = ex.run([Job(code, FOUR_TESTS, timeout=0.5, stop_after="timeout")])
+    assert [t.status for t in out.tests] == [Status.PASSED, Status.WRONG_ANSWER, Status.TIMEOUT, Status.TIMEOUT]
+    assert [t.error_type for t in out.tests] == [None, "AssertionError", "Timeout", "NotRun"]
+    assert out.tests[3].error_tail.startswith("not run: test 2 timed out")
+    assert out.status is Status.WRONG_ANSWER and out.error_tail == out.tests[1].error_tail  # the first failure
+
+
+def test_stop_after_failure_stops_at_the_first_failing_test(ex):
+    wrong = "def f(x):\n    return 0 if x < 2 else -1"  # passes test 0, wrong from test 1 on
+    crash = "def f(x):\n    return x if x < 1 else 1 // 0"
+    out = ex.run([Job(wrong, FOUR_TESTS, stop_after="failure"), Job(crash, FOUR_TESTS, stop_after="failure"),
+                  Job("def f(x):\n    return x", FOUR_TESTS, stop_after="failure")])
+    assert [t.status for t in out[0].tests] == [Status.PASSED] + [Status.WRONG_ANSWER] * 3
+    assert [t.error_type for t in out[0].tests] == [None, "AssertionError", "NotRun", "NotRun"]
+    assert out[0].tests[2].error_tail == "not run: test 1 failed (wrong_answer); stop_after='failure'"
+    assert [t.duration for t in out[0].tests[2:]] == [0.0, 0.0]
+    assert out[0].status is Status.WRONG_ANSWER and out[0].error_tail == out[0].tests[1].error_tail
+    assert (out[0].passed, out[0].not_run, out[0].total) == (1, 2, 4)
+    assert [t.status for t in out[1].tests] == [Status.PASSED] + [Status.RUNTIME_ERROR] * 3
+    assert out[1].tests[1].error_type == "ZeroDivisionError" and out[1].tests[3].error_type == "NotRun"
+    assert "test 1 failed (runtime_error)" in out[1].tests[3].error_tail
+    assert out[2].all_passed and out[2].not_run == 0  # nothing fails: every test runs
+    assert_clean(ex)
+
+
+def test_stop_after_never_is_the_default_and_runs_every_test(ex):
+    code = "def f(x):\n    while x == 1:\n        pass\n    return 0"  # loops on 1, wrong on 2 and 3
+    default, never = ex.run([Job(code, FOUR_TESTS, timeout=0.5), Job(code, FOUR_TESTS, timeout=0.5,
+                                                                       stop_after="never")])
+    assert Job("", ["assert True"]).stop_after == "never"
+    for out in (default, never):
+        assert [t.status for t in out.tests] == [Status.PASSED, Status.TIMEOUT, Status.WRONG_ANSWER,
+                                                 Status.WRONG_ANSWER]
+        assert out.not_run == 0 and out.runners == 2
+
+
+def test_programs_that_never_load_fail_every_test_alike_under_any_rule(ex):
+    for rule in ("never", "timeout", "failure"):
+        broken, looping, raising = ex.run([
+            Job("def f(x) return x", FOUR_TESTS, stop_after=rule),
+            Job("while True:\n    pass", FOUR_TESTS, timeout=0.5, stop_after=rule),
+            Job("raise ValueError('at import')", FOUR_TESTS, stop_after=rule)])
+        assert [t.error_type for t in broken.tests] == ["SyntaxError"] * 4, rule
+        assert [t.status for t in looping.tests] == [Status.TIMEOUT] * 4 and looping.runners == 1, rule
+        assert {t.error_type for t in looping.tests} == {"Timeout"}, rule
+        assert [t.error_type for t in raising.tests] == ["ValueError"] * 4, rule
+        assert broken.not_run == looping.not_run == raising.not_run == 0
+
+
+@pytest.mark.parametrize("bad", ["sometimes", "", "Timeout", None, 1, True])
+def test_stop_after_is_validated_by_the_caller(ex, bad):
+    with pytest.raises(ValueError, match="Mbpp/2: stop_after must be one of never, timeout, failure"):
+        ex.run([Job("def f(x):\n    return x", FOUR_TESTS, task_id="Mbpp/2", stop_after=bad)])
+
+
+def test_the_judge_refuses_a_bad_stop_after_that_reaches_it(ex):
+    """The judge validates the message too: past the caller's check (here: by hand) a bad rule is a clear
+    harness error on every test, and no program runs."""
+    job = Job(LOOP, FOUR_TESTS, timeout=0.5, stop_after="sometimes")
+    t0 = time.perf_counter()
+    res = ex._run_one(0, job)
+    assert time.perf_counter() - t0 < 2.0 and res["runners"] == 0
+    assert [(s, e) for s, _, e, _ in res["tests"]] == [("runtime_error", "HarnessError")] * 4
+    assert "invalid stop_after 'sometimes'" in res["tests"][0][3]
+    (out,) = ex.run([Job("def f(x):\n    return x", FOUR_TESTS)])  # the judge serves on
+    assert out.all_passed
+
+
 def test_remote_handles_mutation_and_iteration(ex):
     code = (
         "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n"

@@ -19,6 +19,8 @@ from typing import Sequence
 
 from . import isolation, wire, workdir
 
+STOP_AFTER = wire.STOP_AFTER  # the values of ``Job.stop_after``
+
 
 @dataclass
 class Job:
@@ -30,6 +32,19 @@ class Job:
     extracted program). ``setup`` (imports, helpers) runs before the program in the runner and before each test
     in the judge; ``timeout`` (seconds, per test) defaults to the executor's; ``entry_point`` (optional) names
     the function under test.
+
+    ``stop_after`` says when the judge stops running the job's tests (they run one after another, and a test that
+    times out costs the whole ``timeout``):
+
+    * ``"never"`` (the default): every test runs, whatever the earlier ones did;
+    * ``"timeout"``: once a test times out, the remaining tests are not run;
+    * ``"failure"``: once a test does not pass (wrong answer, runtime error, timeout...), the remaining tests are
+      not run.
+
+    A test that was not run gets the status of the test that stopped the job, duration 0, error type ``"NotRun"``
+    (``spark_trl.outcome.NOT_RUN``) and a tail naming that test (``"not run: test 1 timed out"``, tests counted
+    from 0 as in ``outcome.tests``); the outcome's status and error tail are still the stopping test's. A program
+    that does not compile or fails to load fails every test the same way, as with ``"never"``.
     """
 
     code: str
@@ -39,6 +54,7 @@ class Job:
     task_id: str = ""
     entry_point: str = ""
     extract: bool = False
+    stop_after: str = "never"
 
 
 class _JudgeProcess:
@@ -167,7 +183,7 @@ class Executor:
     # ---------------------------------------------------------------- running
     def validate(self, jobs: Sequence[Job]) -> None:
         """Raise ValueError naming the task for dataset faults (no tests, a test or setup that does not
-        compile), before any work starts."""
+        compile) and bad settings (timeout, stop_after), before any work starts."""
         for k, job in enumerate(jobs):
             name = job.task_id or f"job {k}"
             if not isinstance(job, Job):
@@ -182,6 +198,9 @@ class Executor:
             _check_compiles(job.setup, f"{name}: test setup")
             if job.timeout is not None and not job.timeout > 0:
                 raise ValueError(f"{name}: timeout must be > 0 seconds, got {job.timeout}")
+            if not isinstance(job.stop_after, str) or job.stop_after not in STOP_AFTER:
+                raise ValueError(f"{name}: stop_after must be one of {', '.join(STOP_AFTER)}; "
+                                 f"got {job.stop_after!r:.80}")
 
     def run(self, jobs: Sequence[Job], progress: bool = False) -> list:
         """Run ``jobs`` in parallel on the judges; one ``ExecutionOutcome`` per job, in the same order."""
@@ -240,7 +259,7 @@ class Executor:
         # A non-str code is not a program: "\x00" compiles to a syntax error in the judge.
         msg = {"code": job.code if isinstance(job.code, str) else "\x00", "tests": list(job.tests), "setup": job.setup,
                "timeout": timeout, "memory_mb": self.memory_mb, "entry_point": job.entry_point or "",
-               "extract": bool(job.extract)}
+               "extract": bool(job.extract), "stop_after": job.stop_after}
         budget = (len(msg["tests"]) + 1) * (timeout + 1.0) + 30.0
         j = self._ensure(i)
         if j is not None:

@@ -11,6 +11,9 @@ decodes the result within a budget (``wire.py``).
 A test passes only when the judge ran it to the end without an exception. Its class comes from what happened:
 the test's own ``AssertionError`` is a wrong answer; an exception the program raised, a runner that died or
 sent junk, or any other exception is a runtime error; the judge's deadline is a timeout.
+
+Tests run one after another; the job's ``stop_after`` (``Job.stop_after``) may end the job at the first timeout
+or the first failure, the remaining tests reported as not run (``NOT_RUN``) with the stopping test's status.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import socket
 import time
 import traceback
 
+from ..outcome import NOT_RUN
 from ..prompts import extract_code
 from . import isolation, names, wire, workdir, zygote
 from .runner import ERROR_TAIL, handles_refused, tail
@@ -394,9 +398,17 @@ class Judge:
 
     # ---------------------------------------------------------------- jobs
     def run_job(self, job: dict) -> dict:
-        """Every test of one job. The last runner is left for ``finish()``, called after the reply is sent."""
+        """Every test of one job, or up to the one that stops it (``stop_after``). The last runner is left for
+        ``finish()``, called after the reply is sent."""
         t0 = time.perf_counter()
         tests = job["tests"]
+        stop_after = job.get("stop_after", "never")
+        if type(stop_after) is not str or stop_after not in wire.STOP_AFTER:
+            # The caller validates it (Executor.validate); a message that still carries something else is a
+            # fault of the harness: every test says so, no program runs.
+            why = f"invalid stop_after {stop_after!r:.80} (expected one of {', '.join(wire.STOP_AFTER)})"
+            return {"tests": [("runtime_error", 0.0, "HarnessError", why)] * len(tests),
+                    "duration": time.perf_counter() - t0, "code": job.get("code", ""), "runners": 0}
         code = self._extracted(job) if job.get("extract") else job["code"]
         results: list = []
         try:
@@ -448,6 +460,14 @@ class Judge:
                 if connection is not None and (status == "timeout" or connection.dead):
                     self.cleanup(connection)  # the next test gets a fresh runner
                     connection = None
+                if status != "passed" and (stop_after == "failure" or
+                                           (stop_after == "timeout" and status == "timeout")):
+                    k = len(results) - 1
+                    why = f"not run: test {k} timed out" if status == "timeout" else \
+                        f"not run: test {k} failed ({status})"
+                    results += [(status, 0.0, NOT_RUN, f"{why}; stop_after={stop_after!r}")] * \
+                        (len(test_codes) - len(results))
+                    break
         except BaseException:
             if connection is not None:
                 self.cleanup(connection)

@@ -401,6 +401,10 @@ def recv_frame(sock: socket.socket, deadline: float | None, cap: int = MAX_FRAME
 # ------------------------------------------------------------------------- caller <-> judge messages
 # Both ends are trusted (the judge never decodes what a runner sent with pickle): pickled, 8-byte length.
 
+# A job message's "stop_after": when the judge stops running its tests (``Job.stop_after``). The caller validates
+# it, the judge checks it again.
+STOP_AFTER = ("never", "timeout", "failure")
+
 
 def write_message(fd: int, obj) -> None:
     import pickle

@@ -40,7 +40,8 @@ Args:
 Returns:
     pass_at_k: {"pass@k": score} for each k.
     results: {problem index: [(completion_id, {"task_id", "completion_id", "passed", "result", "status",
-        "tests_passed", "tests_total"}), ...]}; "result" is "passed", "timed out" or "failed: <error>".
+        "tests_passed", "tests_total", "tests_not_run"}), ...]}; "result" is "passed", "timed out" or
+        "failed: <error>"; a candidate's tests stop at its first failure (tests_not_run counts those after it).
 Examples:
     >>> code_eval = evaluate.load(spark_trl.code_eval_path())
     >>> pass_at_k, results = code_eval.compute(references=["assert add(2, 3) == 5"],
