@@ -140,7 +140,8 @@ def timed(opts) -> int:
     model = load_model(path, load_in_4bit=False, dtype="bfloat16" if cuda else "float32")
     train = load_builtin("train")[:opts.train_problems]
     heldout = load_builtin("heldout")[:opts.heldout]
-    executor = Executor(workers=opts.exec_workers, timeout=2.0)
+    # Alone on the machine: a sandbox worker per core (the parallel `learn` runs share the cores, 4 each)
+    executor = Executor(workers=opts.exec_workers or os.cpu_count() or 4, timeout=2.0)
     eval_config = EvalConfig(n_samples=opts.eval_samples, temperature=0.2, top_p=0.95,
                              max_new_tokens=opts.max_new_tokens, batch_size=160, timeout=2.0, progress=False,
                              rollout_engine="spark" if cuda else "hf")
@@ -171,7 +172,8 @@ def timed(opts) -> int:
             points.append(point)
             print(name, json.dumps(point), flush=True)
             # TRL's per-step logs (step_time, rewards, KL, spark-trl's group sizes) beside the points
-            (out / f"{name}.json").write_text(json.dumps({"points": points, "settings": vars(opts),
+            settings = {k: v for k, v in vars(opts).items() if k != "out"}  # no machine's path in the results
+            (out / f"{name}.json").write_text(json.dumps({"points": points, "settings": settings,
                                                           "log_history": state.log_history}, indent=1, default=str))
 
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -410,7 +412,7 @@ def _timed_args(pl) -> None:
     pl.add_argument("--learning_rate", type=float, default=5e-5)
     pl.add_argument("--beta", type=float, default=0.01)
     pl.add_argument("--seed", type=int, default=0)
-    pl.add_argument("--exec_workers", type=int, default=4)
+    pl.add_argument("--exec_workers", type=int, default=None, help="sandbox workers (default: one per CPU)")
 
 
 def main(argv=None) -> int:
