@@ -72,27 +72,21 @@ class StepProfiler(TrainerCallback):
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def _timed(self, fn, phase: str):
+    def _timed(self, fn, phase):
+        """`fn`, its time charged to `phase` (a name, or a function of nothing that names it at call time)."""
         @functools.wraps(fn)
         def timed(*args, **kwargs):
+            name = phase() if callable(phase) else phase
             t0 = self._now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._current[phase] += self._now() - t0
+                self._current[name] += self._now() - t0
         return timed
 
     def _timed_logps(self, fn):
         # One method serves both: the loss's forward runs with gradient, reference/old log-probs without.
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            phase = "loss_forward" if torch.is_grad_enabled() else "logps_no_grad"
-            t0 = self._now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._current[phase] += self._now() - t0
-        return timed
+        return self._timed(fn, lambda: "loss_forward" if torch.is_grad_enabled() else "logps_no_grad")
 
     # ------------------------------------------------------------------------------------------ callbacks
     def on_step_begin(self, args, state, control, **kwargs):
