@@ -38,7 +38,7 @@ from . import trl_private
 from .batching import (build_tensors, deal_in_order, deal_round_robin, pad_layout, rows_per_micro_step,
                        split_micro_batches)
 from .collectives import Ranks
-from .configs import SparkGRPOConfig, check_group_sizes, check_sampler_correction
+from .configs import SparkGRPOConfig
 from .groups import GroupGrower, GrownGroups, ReportsOutcomes, outcomes_of
 from .grpo_math import (clip_sums, group_advantages, in_loss, kl_sums, sampler_importance_weights,
                         sampler_mismatch_sums, sampler_weight_figures, spark_policy_loss)
@@ -46,6 +46,7 @@ from .monitor import CollapseMonitor
 from .recycling import AuxiliaryObjective, RecyclingObjective, Rollout
 from .sampling import CoveringRepeatSampler, epoch_order
 from .stats import ExtraColumns, RolloutFigures, SparkStats
+from .trainer_checks import validate
 
 __all__ = ["SparkGRPOTrainer", "SparkStats", "group_advantages", "kl_sums", "spark_policy_loss"]
 
@@ -131,7 +132,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         # Everything checkable before a model is loaded is checked here.
         trl_private.check()
         self._spark_path = not (tools or rollout_func or environment_factory)
-        self._validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory)
+        validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory)
 
         self._spark_callback = _SparkCallback()
         # On by default: a reward that rises while the pass rate falls is the failure GRPO hides best.
@@ -165,7 +166,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         self._sampler_correction = bool(args.vllm_importance_sampling_correction)
         self._warned_no_sampler_logps = False
         if args.rollout_engine == "spark":
-            from .rollout import FastRolloutEngine  # checked importable in _validate
+            from .rollout import FastRolloutEngine  # checked importable in trainer_checks.validate
 
             self._engine = FastRolloutEngine(unwrapped, self.processing_class, args)
 
@@ -194,55 +195,6 @@ class SparkGRPOTrainer(GRPOTrainer):
         self._rollout_global_step = -1  # optimizer step at which the current rollout was generated
         self._step_had_backward = False  # whether the optimizer step in progress has run a backward yet
         self.ref_forward_calls = 0  # reference forward passes (batches), for tests and benchmarks
-
-    # ------------------------------------------------------------------------------------------------ validation
-
-    @staticmethod
-    def _validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory):
-        # Re-check the group sizes: a config is a mutable dataclass.
-        check_group_sizes(args)
-        if args.num_generations != args.min_generations:
-            raise ValueError(
-                f"num_generations ({args.num_generations}) must equal min_generations ({args.min_generations})")
-        if args.aux_loss_scale > 0 and aux_objective is None and args.aux_objective is None:
-            raise ValueError(
-                f"aux_loss_scale={args.aux_loss_scale} but no auxiliary objective: pass aux_objective=... or set "
-                "aux_objective='recycling' (the study's built-in), or set aux_loss_scale=0 (Condition A).")
-        needs_spark_path = (args.adaptive or args.skip_zero_advantage != "none" or args.loss_type == "spark"
-                            or args.aux_loss_scale > 0 or args.rollout_engine == "spark")
-        if needs_spark_path and (tools or rollout_func or environment_factory):
-            raise ValueError(
-                "Adaptive groups, skip_zero_advantage, loss_type='spark', auxiliary objectives and the spark rollout "
-                "engine work with plain text or chat prompts only, not with tools, rollout_func or "
-                "environment_factory. Set min_generations=max_generations, skip_zero_advantage='none', a TRL "
-                "loss_type, aux_loss_scale=0 and rollout_engine='trl' to use those.")
-        if args.aux_loss_scale > 0 and args.aux_mode == "phase" and _uses_deepspeed(args):
-            raise ValueError(
-                "aux_mode='phase' does not work under DeepSpeed: its engine steps the optimizer at its own gradient "
-                "accumulation boundary (every gradient_accumulation_steps backward passes), not after each "
-                "auxiliary micro-batch as the phase does. Use aux_mode='joint', or DDP/FSDP.")
-        if args.multi_objective_aggregation != "sum_then_normalize":
-            raise ValueError("SparkGRPOTrainer supports multi_objective_aggregation='sum_then_normalize' only")
-        if args.scale_rewards not in ("group", "none"):
-            raise ValueError(
-                f"scale_rewards={args.scale_rewards!r}: SparkGRPOTrainer normalises within each (possibly topped-up) "
-                "group; use 'group' or 'none'")
-        check_sampler_correction(args)
-        local_batch = args.per_device_train_batch_size * args.steps_per_generation
-        if local_batch % args.min_generations != 0:
-            raise ValueError(
-                f"per_device_train_batch_size * steps_per_generation ({local_batch}) must be a multiple of "
-                f"min_generations ({args.min_generations}): SparkGRPOTrainer keeps every group on one process")
-        if args.rollout_engine == "spark":
-            if args.use_vllm:
-                raise ValueError("rollout_engine='spark' and use_vllm=True are two different generation backends")
-            try:
-                from .rollout import FastRolloutEngine  # noqa: F401
-            except ImportError as exc:
-                raise ValueError(
-                    "rollout_engine='spark' needs spark_trl.rollout.FastRolloutEngine, which cannot be imported "
-                    f"({exc}). Use rollout_engine='trl'.") from None
-        _check_columns(reward_funcs, train_dataset, aux_objective)
 
     @property
     def rollout_engine(self):
@@ -940,31 +892,6 @@ def _group_rows(inputs: list[dict], k0: int) -> list[dict]:
         if any(inputs[g * k0 + j]["prompt"] != row["prompt"] for j in range(k0)):
             raise RuntimeError("a generation batch must hold whole groups of min_generations identical prompts")
     return rows
-
-
-def _uses_deepspeed(args) -> bool:
-    import os
-
-    return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
-        "1", "true", "yes")
-
-
-def _check_columns(reward_funcs, train_dataset, aux_objective) -> None:
-    """The dataset columns that the reward functions (`required_columns`, as ExecutionReward declares them) and the
-    auxiliary objective read."""
-    columns = getattr(train_dataset, "column_names", None)
-    if columns is None:
-        return
-    funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-    needs = [(getattr(f, "__name__", type(f).__name__), tuple(getattr(f, "required_columns", None) or ()))
-             for f in funcs if f is not None and not isinstance(f, str)]
-    if aux_objective is not None:
-        needs.append((type(aux_objective).__name__, tuple(aux_objective.required_columns)))
-    for name, required in needs:
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise ValueError(f"The train dataset lacks the column(s) {missing} that {name} needs (it has {columns}). "
-                             "Build it with spark_trl.data.to_grpo_dataset.")
 
 
 @contextlib.contextmanager
