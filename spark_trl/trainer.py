@@ -36,7 +36,7 @@ from trl.trainer.utils import use_adapter
 from . import trl_private
 from .aux_training import AuxiliaryTraining
 from .batching import (build_tensors, deal_in_order, deal_round_robin, pad_layout, rows_per_micro_step,
-                       split_micro_batches)
+                       sampler_logps_rows, split_micro_batches)
 from .collectives import Ranks
 from .configs import SparkGRPOConfig
 from .groups import GroupGrower, GrownGroups, ReportsOutcomes, outcomes_of
@@ -45,7 +45,7 @@ from .grpo_math import (clip_sums, group_advantages, in_loss, kl_sums, sampler_i
 from .monitor import CollapseMonitor
 from .recycling import AuxiliaryObjective, RecyclingObjective
 from .sampling import CoveringRepeatSampler, epoch_order
-from .stats import ExtraColumns, RolloutFigures, SparkStats
+from .stats import ExtraColumns, RolloutFigures, SparkStats, log_sampler_gap
 from .trainer_checks import validate
 
 __all__ = ["SparkGRPOTrainer", "SparkStats", "group_advantages", "kl_sums", "spark_policy_loss"]
@@ -575,12 +575,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         have = any(lp is not None for lp in grown.sampler_logps)
         if not self._ranks.max(int(have)):
             return None
-        out = torch.full((len(src), width), float("nan"))
-        for j, i in enumerate(src):
-            lp = grown.sampler_logps[i] if i is not None else None
-            if lp:
-                out[j, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
-        return out.to(self.accelerator.device)
+        return sampler_logps_rows(grown.sampler_logps, src, width).to(self.accelerator.device)
 
     def _pad_id(self) -> int:
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -648,14 +643,13 @@ class SparkGRPOTrainer(GRPOTrainer):
                         batch["ref_per_token_logps"] = forward(self.model)
 
     def _sampler_figures(self, batch, sampler_logps, real) -> None:
-        """The sampler/trainer gap of the rollout's tokens in the loss, logged under TRL's names in every run that
-        has both log-probs; with the correction on, also the importance weights (into the batch) and their
-        figures. Figures are global over ranks: the mean |diff| is token-weighted (TRL averages the ranks'
-        means)."""
+        """The sampler/trainer gap of the rollout's tokens in the loss, logged (`stats.log_sampler_gap`) in every run
+        that has both log-probs; with the correction on, also the importance weights (into the batch) and their
+        figures."""
         mask = batch["completion_mask"] * batch["tool_mask"]
         rows = torch.tensor(real, dtype=torch.bool, device=mask.device)
         old = batch["old_per_token_logps"]
-        diff_sum, tokens, diff_max = sampler_mismatch_sums(old, sampler_logps, mask, rows)
+        gap = sampler_mismatch_sums(old, sampler_logps, mask, rows)
         fig = None
         if self._sampler_correction:
             args = self.args
@@ -664,19 +658,7 @@ class SparkGRPOTrainer(GRPOTrainer):
                 args.vllm_importance_sampling_clip_max)
             batch["importance_sampling_ratio"] = weights
             fig = sampler_weight_figures(weights, mask, rows)
-        total = self._ranks.sum([diff_sum, tokens] + (fig[:2] if fig else []))
-        extremes = self._ranks.gather([diff_max] + (fig[2:] if fig else []))
-        m = trl_private.metrics(self)
-        if total[1]:
-            m["sampling/sampling_logp_difference/mean"].append(total[0] / total[1])
-            m["sampling/sampling_logp_difference/max"].append(max(e[0] for e in extremes))
-            self._stats.sampler_logp_diff_sum += total[0]
-            self._stats.sampler_logp_tokens += int(total[1])
-            self._stats.sampler_logp_diff_max = max(self._stats.sampler_logp_diff_max, *(e[0] for e in extremes))
-        if fig and total[3]:
-            m["sampling/importance_sampling_ratio/mean"].append(total[2] / total[3])
-            m["sampling/importance_sampling_ratio/min"].append(min(e[1] for e in extremes))
-            m["sampling/importance_sampling_ratio/max"].append(max(e[2] for e in extremes))
+        log_sampler_gap(self._ranks, gap, fig, trl_private.metrics(self), self._stats)
 
     # ------------------------------------------------------------------------------------------------ loss
 
