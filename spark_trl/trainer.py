@@ -11,9 +11,11 @@ How a training micro-step runs, top to bottom (each override names the TRL metho
    advantages, which sequences enter the loss), the statistics (`spark_trl.stats`), the batch
    (`spark_trl.batching`: rows balanced over ranks and micro-steps, reference and old log-probs).
 4. `_compute_loss`: the study's loss (`loss_type="spark"`) or TRL's, normalised over the sequences of the
-   rollout, plus the auxiliary loss in joint mode. The auxiliary phase runs at the end of each epoch.
+   rollout, plus the auxiliary loss in joint mode. The auxiliary phase runs at the end of each epoch
+   (`spark_trl.aux_training`; the objective's examples are `spark_trl.recycling`'s).
 
-Private names of TRL are reached only through `spark_trl.trl_private`.
+The arguments are checked before a model is loaded (`spark_trl.trainer_checks`). Private names of TRL are reached
+only through `spark_trl.trl_private`.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class SparkGRPOTrainer(GRPOTrainer):
             args = SparkGRPOConfig(f"{str(name).split('/')[-1]}-SparkGRPO")
         if not isinstance(args, SparkGRPOConfig):
             raise TypeError(f"args must be a SparkGRPOConfig, got {type(args).__name__}")
-        # Everything checkable before a model is loaded is checked here.
+        # Everything checkable before a model is loaded is checked here (spark_trl.trainer_checks).
         trl_private.check()
         self._spark_path = not (tools or rollout_func or environment_factory)
         validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory)
