@@ -97,6 +97,24 @@ def build_tensors(src: list[int | None], real: list[bool], prompt_ids: list[list
             "completion_ids": padded(c, pad_id, "right"), "completion_mask": completion_mask, "tool_mask": tool_mask}
 
 
+def sampler_logps_rows(sampler_logps: list[list[float] | None], src: list[int | None], width: int) -> torch.Tensor:
+    """The sampler's log-probs of each row's completion tokens, (rows, width) like `completion_ids`: NaN where
+    unknown (padding columns, the dummy row, a completion without them).
+
+    Example:
+    ```python
+    >>> sampler_logps_rows([[-0.5], None], src=[0, 1, None], width=2).tolist()
+    [[-0.5, nan], [nan, nan], [nan, nan]]
+    ```
+    """
+    out = torch.full((len(src), width), float("nan"))
+    for j, i in enumerate(src):
+        lp = sampler_logps[i] if i is not None else None
+        if lp:
+            out[j, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return out
+
+
 def split_micro_batches(batch: dict, n_micro: int) -> list[dict]:
     """The batch cut into `n_micro` micro-batches of equal rows; 0-d tensors (batch-wide scalars) are shared."""
     rows = batch["prompt_ids"].size(0) // max(n_micro, 1)

@@ -164,6 +164,29 @@ class RolloutFigures:
             m[f"rewards/{name}/mean"].append(total / count if count else float("nan"))
 
 
+def log_sampler_gap(ranks: Ranks, gap: list[float], weights: list[float] | None, metrics: dict,
+                    stats: SparkStats) -> None:
+    """The sampler/trainer gap of a rollout's tokens in the loss, global over ranks, into TRL's per-step metrics
+    under TRL's names and into `stats`. `gap` is this rank's `sampler_mismatch_sums` [sum |diff|, tokens, max];
+    `weights` (with the sampler correction on) its `sampler_weight_figures` [sum, count, min, max]. The mean
+    |diff| is token-weighted over all ranks (TRL averages the ranks' means)."""
+    diff_sum, tokens, diff_max = gap
+    fig = weights
+    total = ranks.sum([diff_sum, tokens] + (fig[:2] if fig else []))
+    extremes = ranks.gather([diff_max] + (fig[2:] if fig else []))
+    m = metrics
+    if total[1]:
+        m["sampling/sampling_logp_difference/mean"].append(total[0] / total[1])
+        m["sampling/sampling_logp_difference/max"].append(max(e[0] for e in extremes))
+        stats.sampler_logp_diff_sum += total[0]
+        stats.sampler_logp_tokens += int(total[1])
+        stats.sampler_logp_diff_max = max(stats.sampler_logp_diff_max, *(e[0] for e in extremes))
+    if fig and total[3]:
+        m["sampling/importance_sampling_ratio/mean"].append(total[2] / total[3])
+        m["sampling/importance_sampling_ratio/min"].append(min(e[1] for e in extremes))
+        m["sampling/importance_sampling_ratio/max"].append(max(e[2] for e in extremes))
+
+
 class ExtraColumns:
     """The `log_extra` columns of the reward functions over a rollout's scoring rounds, one value per completion
     in scoring order: a column not reported in a round gets None for that round's completions.

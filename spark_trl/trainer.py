@@ -11,15 +11,16 @@ How a training micro-step runs, top to bottom (each override names the TRL metho
    advantages, which sequences enter the loss), the statistics (`spark_trl.stats`), the batch
    (`spark_trl.batching`: rows balanced over ranks and micro-steps, reference and old log-probs).
 4. `_compute_loss`: the study's loss (`loss_type="spark"`) or TRL's, normalised over the sequences of the
-   rollout, plus the auxiliary loss in joint mode. The auxiliary phase runs at the end of each epoch.
+   rollout, plus the auxiliary loss in joint mode. The auxiliary phase runs at the end of each epoch
+   (`spark_trl.aux_training`; the objective's examples are `spark_trl.recycling`'s).
 
-Private names of TRL are reached only through `spark_trl.trl_private`.
+The arguments are checked before a model is loaded (`spark_trl.trainer_checks`). Private names of TRL are reached
+only through `spark_trl.trl_private`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import random
 from collections import Counter
@@ -35,17 +36,19 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from . import trl_private
+from .aux_training import AuxiliaryTraining
 from .batching import (build_tensors, deal_in_order, deal_round_robin, pad_layout, rows_per_micro_step,
-                       split_micro_batches)
+                       sampler_logps_rows, split_micro_batches)
 from .collectives import Ranks
-from .configs import SparkGRPOConfig, check_group_sizes, check_sampler_correction
+from .configs import SparkGRPOConfig
 from .groups import GroupGrower, GrownGroups, ReportsOutcomes, outcomes_of
 from .grpo_math import (clip_sums, group_advantages, in_loss, kl_sums, sampler_importance_weights,
                         sampler_mismatch_sums, sampler_weight_figures, spark_policy_loss)
 from .monitor import CollapseMonitor
-from .recycling import AuxiliaryObjective, RecyclingObjective, Rollout
+from .recycling import AuxiliaryObjective, RecyclingObjective
 from .sampling import CoveringRepeatSampler, epoch_order
-from .stats import ExtraColumns, RolloutFigures, SparkStats
+from .stats import ExtraColumns, RolloutFigures, SparkStats, log_sampler_gap
+from .trainer_checks import validate
 
 __all__ = ["SparkGRPOTrainer", "SparkStats", "group_advantages", "kl_sums", "spark_policy_loss"]
 
@@ -128,10 +131,10 @@ class SparkGRPOTrainer(GRPOTrainer):
             args = SparkGRPOConfig(f"{str(name).split('/')[-1]}-SparkGRPO")
         if not isinstance(args, SparkGRPOConfig):
             raise TypeError(f"args must be a SparkGRPOConfig, got {type(args).__name__}")
-        # Everything checkable before a model is loaded is checked here.
+        # Everything checkable before a model is loaded is checked here (spark_trl.trainer_checks).
         trl_private.check()
         self._spark_path = not (tools or rollout_func or environment_factory)
-        self._validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory)
+        validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory)
 
         self._spark_callback = _SparkCallback()
         # On by default: a reward that rises while the pass rate falls is the failure GRPO hides best.
@@ -157,7 +160,6 @@ class SparkGRPOTrainer(GRPOTrainer):
         if aux_objective is None and args.aux_objective == "recycling":
             aux_objective = RecyclingObjective.from_config(self.processing_class, args)
         self.aux_objective = aux_objective
-        self._aux_on = aux_objective is not None and args.aux_loss_scale > 0
 
         self._engine = None
         self._engine_synced_step = None
@@ -165,23 +167,21 @@ class SparkGRPOTrainer(GRPOTrainer):
         self._sampler_correction = bool(args.vllm_importance_sampling_correction)
         self._warned_no_sampler_logps = False
         if args.rollout_engine == "spark":
-            from .rollout import FastRolloutEngine  # checked importable in _validate
+            from .rollout import FastRolloutEngine  # checked importable in trainer_checks.validate
 
             self._engine = FastRolloutEngine(unwrapped, self.processing_class, args)
 
         self._ranks = Ranks(self.accelerator)
+        # Condition C: the auxiliary objective's rollouts and examples, trained on jointly or in a phase per epoch.
+        self._aux = AuxiliaryTraining(aux_objective, args, self._ranks, self.accelerator, self.is_fsdp_enabled)
         self._grower = GroupGrower(
             self._generate_round, self._score, self._ranks, self.reward_weights, args.min_generations,
             args.max_generations, args.generation_increment, args.adaptive_std_threshold,
             prefetch=args.top_up_mode == "prefetch")
         self._stats = SparkStats()
         self.spark_stats_history: list[dict[str, Any]] = []
-        self._epoch_rollouts: list[Rollout] = []
-        self._joint_aux_batches: list[list] = []
-        self._group_counter = 0
         self._micro_batches: list[dict] = []  # the current rollout, one dict per micro-step
         self._micro_step_rows: list[int] = []  # per micro-step: rows in the loss (and aux examples), all ranks
-        self._micro_aux_rows: list[int] = []  # per micro-step: joint-mode auxiliary examples, all ranks
         self._n_micro = 0  # micro-steps of one pass over the current rollout
         self._micro_num_items: list | None = None
         self._position = 0  # the current micro-step's index in _micro_batches
@@ -190,59 +190,9 @@ class SparkGRPOTrainer(GRPOTrainer):
         self._steps_per_epoch = 0  # rollout_schedule="epoch": the Trainer's steps per epoch (an upper bound)
         self._pass_done = False  # the epoch's pass just ended: stop the epoch (read by _SparkCallback)
         self._pass_complete = False  # the current epoch's pass has ended (False after an interruption)
-        self._pending_aux_rollouts: list[Rollout] = []
         self._rollout_global_step = -1  # optimizer step at which the current rollout was generated
         self._step_had_backward = False  # whether the optimizer step in progress has run a backward yet
         self.ref_forward_calls = 0  # reference forward passes (batches), for tests and benchmarks
-
-    # ------------------------------------------------------------------------------------------------ validation
-
-    @staticmethod
-    def _validate(args, reward_funcs, train_dataset, aux_objective, tools, rollout_func, environment_factory):
-        # Re-check the group sizes: a config is a mutable dataclass.
-        check_group_sizes(args)
-        if args.num_generations != args.min_generations:
-            raise ValueError(
-                f"num_generations ({args.num_generations}) must equal min_generations ({args.min_generations})")
-        if args.aux_loss_scale > 0 and aux_objective is None and args.aux_objective is None:
-            raise ValueError(
-                f"aux_loss_scale={args.aux_loss_scale} but no auxiliary objective: pass aux_objective=... or set "
-                "aux_objective='recycling' (the study's built-in), or set aux_loss_scale=0 (Condition A).")
-        needs_spark_path = (args.adaptive or args.skip_zero_advantage != "none" or args.loss_type == "spark"
-                            or args.aux_loss_scale > 0 or args.rollout_engine == "spark")
-        if needs_spark_path and (tools or rollout_func or environment_factory):
-            raise ValueError(
-                "Adaptive groups, skip_zero_advantage, loss_type='spark', auxiliary objectives and the spark rollout "
-                "engine work with plain text or chat prompts only, not with tools, rollout_func or "
-                "environment_factory. Set min_generations=max_generations, skip_zero_advantage='none', a TRL "
-                "loss_type, aux_loss_scale=0 and rollout_engine='trl' to use those.")
-        if args.aux_loss_scale > 0 and args.aux_mode == "phase" and _uses_deepspeed(args):
-            raise ValueError(
-                "aux_mode='phase' does not work under DeepSpeed: its engine steps the optimizer at its own gradient "
-                "accumulation boundary (every gradient_accumulation_steps backward passes), not after each "
-                "auxiliary micro-batch as the phase does. Use aux_mode='joint', or DDP/FSDP.")
-        if args.multi_objective_aggregation != "sum_then_normalize":
-            raise ValueError("SparkGRPOTrainer supports multi_objective_aggregation='sum_then_normalize' only")
-        if args.scale_rewards not in ("group", "none"):
-            raise ValueError(
-                f"scale_rewards={args.scale_rewards!r}: SparkGRPOTrainer normalises within each (possibly topped-up) "
-                "group; use 'group' or 'none'")
-        check_sampler_correction(args)
-        local_batch = args.per_device_train_batch_size * args.steps_per_generation
-        if local_batch % args.min_generations != 0:
-            raise ValueError(
-                f"per_device_train_batch_size * steps_per_generation ({local_batch}) must be a multiple of "
-                f"min_generations ({args.min_generations}): SparkGRPOTrainer keeps every group on one process")
-        if args.rollout_engine == "spark":
-            if args.use_vllm:
-                raise ValueError("rollout_engine='spark' and use_vllm=True are two different generation backends")
-            try:
-                from .rollout import FastRolloutEngine  # noqa: F401
-            except ImportError as exc:
-                raise ValueError(
-                    "rollout_engine='spark' needs spark_trl.rollout.FastRolloutEngine, which cannot be imported "
-                    f"({exc}). Use rollout_engine='trl'.") from None
-        _check_columns(reward_funcs, train_dataset, aux_objective)
 
     @property
     def rollout_engine(self):
@@ -265,11 +215,11 @@ class SparkGRPOTrainer(GRPOTrainer):
     def epoch_state(self) -> dict[str, Any]:
         """This process's per-epoch accumulators (statistics, the rollouts the auxiliary phase will read): what a
         checkpoint taken in the middle of an epoch must hold for an exact resume. See `load_epoch_state`."""
-        state = {"stats": self._stats, "epoch_rollouts": self._epoch_rollouts}
+        state = {"stats": self._stats, "epoch_rollouts": self._aux.epoch_rollouts}
         if self.args.rollout_schedule == "epoch" and self._rollout_epoch == self._epoch_index:
             # The epoch's rollout, which the rest of the pass trains on.
             state["pass"] = {"epoch": self._rollout_epoch, "rows": self._micro_step_rows,
-                             "aux_rows": self._micro_aux_rows, "aux_batches": self._joint_aux_batches,
+                             "aux_rows": self._aux.rows, "aux_batches": self._aux.batches,
                              "rollout_global_step": self._rollout_global_step,
                              "micro_batches": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in mb.items()}
                                                for mb in self._micro_batches]}
@@ -278,20 +228,20 @@ class SparkGRPOTrainer(GRPOTrainer):
     def load_epoch_state(self, state: dict[str, Any]) -> None:
         """Restore what `epoch_state` returned (after `on_epoch_begin` of the resumed epoch has reset it)."""
         self._stats = state["stats"]
-        self._epoch_rollouts = state["epoch_rollouts"]
+        self._aux.epoch_rollouts = state["epoch_rollouts"]
         saved = state.get("pass")
         if saved is not None:
             device = self.accelerator.device
             self._micro_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
                                    for mb in saved["micro_batches"]]
             self._micro_step_rows = saved["rows"]
-            self._micro_aux_rows, self._joint_aux_batches = saved["aux_rows"], saved["aux_batches"]
+            self._aux.rows, self._aux.batches = saved["aux_rows"], saved["aux_batches"]
             self._rollout_epoch = saved["epoch"]
             self._rollout_global_step = saved["rollout_global_step"]
 
     def _begin_epoch(self):
         self.reset_spark_stats()
-        self._epoch_rollouts = []
+        self._aux.epoch_rollouts = []
         self._pass_complete = False
         if self._steps_per_epoch:
             self._epoch_index = self.state.global_step // self._steps_per_epoch
@@ -299,8 +249,8 @@ class SparkGRPOTrainer(GRPOTrainer):
     def _end_epoch(self):
         if self.args.rollout_schedule == "epoch" and not self._pass_complete:
             return  # training stopped in the middle of the pass: the epoch is not over (a resume finishes it)
-        if self._aux_on and self.args.aux_mode == "phase":
-            self._run_aux_phase()
+        if self._aux.phase:
+            self._aux.run_phase(self.model_wrapped, self.model, self.optimizer, self._stats, self.state.epoch)
         if self.args.rollout_schedule == "epoch" and self._steps_per_epoch:
             # The epoch ended when its pass did, before the Trainer's (upper-bound) count of steps: move the step
             # counter to the epoch's end, so that resuming (which finds the epoch from global_step) and a runner's
@@ -407,8 +357,8 @@ class SparkGRPOTrainer(GRPOTrainer):
         if self.args.rollout_schedule == "epoch":  # num_iterations passes over the epoch's rollout
             self._micro_batches = self._micro_batches * self.num_iterations
             self._micro_step_rows = self._micro_step_rows * self.num_iterations
-            self._micro_aux_rows = self._micro_aux_rows * self.num_iterations
-            self._joint_aux_batches = self._joint_aux_batches * self.num_iterations
+            self._aux.rows = self._aux.rows * self.num_iterations
+            self._aux.batches = self._aux.batches * self.num_iterations
 
     def _epoch_rows(self) -> list[dict]:
         """This process's problems of the current epoch, each repeated min_generations times (TRL's format)."""
@@ -507,8 +457,8 @@ class SparkGRPOTrainer(GRPOTrainer):
         self.state.num_input_tokens_seen += figures.prompt_tokens + figures.completion_tokens
         trl_private.metrics(self)["num_tokens"] = [self.state.num_input_tokens_seen]
         self._flush_reward_logs(scored)
-        if self._aux_on:
-            self._collect_aux_rollouts(scored)
+        if self._aux.on:
+            self._aux.collect(scored)
 
     def _figures(self, scored: ScoredRollout) -> RolloutFigures:
         """This rank's figures of the rollout."""
@@ -562,19 +512,6 @@ class SparkGRPOTrainer(GRPOTrainer):
             values = scored.extra_columns.get(column, [None] * len(grown))
             logs["extra"][column].extend(_gathered(self._ranks, values))
 
-    def _collect_aux_rollouts(self, scored: ScoredRollout) -> None:
-        grown = scored.grown
-        new = [Rollout(prompt=grown.prompts[i], completion=_text(grown.completions[i]),
-                       reward=float(scored.rewards[i]), advantage=float(scored.advantages[i]),
-                       group=self._group_counter + grown.group_of[i], outcome=grown.outcomes[i],
-                       row={k: v for k, v in grown.rows[grown.group_of[i]].items() if k != "prompt"})
-               for i in range(len(grown))]
-        self._group_counter += len(grown.rows)
-        if self.args.aux_mode == "phase":
-            self._epoch_rollouts.extend(new)
-        else:
-            self._pending_aux_rollouts = new  # spread over the rollout's micro-steps once they are laid out
-
     # ------------------------------------------------------------------------------------------------ the batch
 
     def _assemble(self, scored: ScoredRollout) -> dict:
@@ -590,17 +527,13 @@ class SparkGRPOTrainer(GRPOTrainer):
         batch["advantages"] = torch.tensor([float(scored.advantages[i]) if r else 0.0 for i, r in zip(src, real)],
                                            device=device)
         batch["seq_weight"] = torch.tensor([1.0 if r else 0.0 for r in real], device=device)
-        joint = self._aux_on and args.aux_mode == "joint"
-        if joint:
-            self._prepare_joint_aux(self._pending_aux_rollouts, n_micro)
+        aux_rows = self._aux.prepare_joint(n_micro, self._stats) if self._aux.joint else [0] * n_micro
         tokens = (batch["completion_mask"] * batch["tool_mask"]).sum(-1).view(n_micro, rows).sum(-1).tolist()
         real_rows = [sum(real[j * rows:(j + 1) * rows]) for j in range(n_micro)]
-        aux_rows = [len(b) for b in self._joint_aux_batches] if joint else [0] * n_micro
         totals = self._ranks.sum([float(len(kept))] + tokens + real_rows + aux_rows)
         tokens = totals[1:1 + n_micro]
-        self._micro_aux_rows = [int(x) for x in totals[1 + 2 * n_micro:]]
-        self._micro_step_rows = [int(a + b) for a, b in zip(totals[1 + n_micro:1 + 2 * n_micro],
-                                                            self._micro_aux_rows)]
+        self._aux.rows = [int(x) for x in totals[1 + 2 * n_micro:]]
+        self._micro_step_rows = [int(a + b) for a, b in zip(totals[1 + n_micro:1 + 2 * n_micro], self._aux.rows)]
         batch["num_sequences"] = torch.tensor(totals[0], device=device)
         batch["num_items_in_batch"] = torch.tensor(sum(tokens), device=device)
         self._micro_num_items = None
@@ -644,12 +577,7 @@ class SparkGRPOTrainer(GRPOTrainer):
         have = any(lp is not None for lp in grown.sampler_logps)
         if not self._ranks.max(int(have)):
             return None
-        out = torch.full((len(src), width), float("nan"))
-        for j, i in enumerate(src):
-            lp = grown.sampler_logps[i] if i is not None else None
-            if lp:
-                out[j, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
-        return out.to(self.accelerator.device)
+        return sampler_logps_rows(grown.sampler_logps, src, width).to(self.accelerator.device)
 
     def _pad_id(self) -> int:
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -717,14 +645,13 @@ class SparkGRPOTrainer(GRPOTrainer):
                         batch["ref_per_token_logps"] = forward(self.model)
 
     def _sampler_figures(self, batch, sampler_logps, real) -> None:
-        """The sampler/trainer gap of the rollout's tokens in the loss, logged under TRL's names in every run that
-        has both log-probs; with the correction on, also the importance weights (into the batch) and their
-        figures. Figures are global over ranks: the mean |diff| is token-weighted (TRL averages the ranks'
-        means)."""
+        """The sampler/trainer gap of the rollout's tokens in the loss, logged (`stats.log_sampler_gap`) in every run
+        that has both log-probs; with the correction on, also the importance weights (into the batch) and their
+        figures."""
         mask = batch["completion_mask"] * batch["tool_mask"]
         rows = torch.tensor(real, dtype=torch.bool, device=mask.device)
         old = batch["old_per_token_logps"]
-        diff_sum, tokens, diff_max = sampler_mismatch_sums(old, sampler_logps, mask, rows)
+        gap = sampler_mismatch_sums(old, sampler_logps, mask, rows)
         fig = None
         if self._sampler_correction:
             args = self.args
@@ -733,19 +660,7 @@ class SparkGRPOTrainer(GRPOTrainer):
                 args.vllm_importance_sampling_clip_max)
             batch["importance_sampling_ratio"] = weights
             fig = sampler_weight_figures(weights, mask, rows)
-        total = self._ranks.sum([diff_sum, tokens] + (fig[:2] if fig else []))
-        extremes = self._ranks.gather([diff_max] + (fig[2:] if fig else []))
-        m = trl_private.metrics(self)
-        if total[1]:
-            m["sampling/sampling_logp_difference/mean"].append(total[0] / total[1])
-            m["sampling/sampling_logp_difference/max"].append(max(e[0] for e in extremes))
-            self._stats.sampler_logp_diff_sum += total[0]
-            self._stats.sampler_logp_tokens += int(total[1])
-            self._stats.sampler_logp_diff_max = max(self._stats.sampler_logp_diff_max, *(e[0] for e in extremes))
-        if fig and total[3]:
-            m["sampling/importance_sampling_ratio/mean"].append(total[2] / total[3])
-            m["sampling/importance_sampling_ratio/min"].append(min(e[1] for e in extremes))
-            m["sampling/importance_sampling_ratio/max"].append(max(e[2] for e in extremes))
+        log_sampler_gap(self._ranks, gap, fig, trl_private.metrics(self), self._stats)
 
     # ------------------------------------------------------------------------------------------------ loss
 
@@ -760,8 +675,9 @@ class SparkGRPOTrainer(GRPOTrainer):
         if self.state.global_step == self._rollout_global_step:
             inputs = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
         loss = self._spark_loss(model, inputs) if self.loss_type == "spark" else self._trl_loss(model, inputs)
-        if self._aux_on and self.args.aux_mode == "joint":
-            loss = loss + self._joint_aux_loss(model)
+        if self._aux.joint:
+            loss = loss + self._aux.joint_loss(model, self._position, self._stats, trl_private.metrics(self),
+                                               self.current_gradient_accumulation_steps)
         return loss
 
     def _sequence_scale(self, inputs) -> float:
@@ -838,100 +754,6 @@ class SparkGRPOTrainer(GRPOTrainer):
             inputs["completion_mask"], self.epsilon_low, self.epsilon_high, self.beta)
         return per_seq.mean()
 
-    # ------------------------------------------------------------------------------------------------ auxiliary
-
-    def _build_aux_examples(self, rollouts: list[Rollout]) -> list:
-        objective = self.aux_objective
-        if "ranks" in inspect.signature(objective.build).parameters:
-            examples = objective.build(rollouts, ranks=self._ranks)
-        else:
-            examples = objective.build(rollouts)
-        return [e for e in examples if e.weight > 0]
-
-    def _prepare_joint_aux(self, rollouts: list[Rollout], n_micro: int):
-        """At most aux_batch_size examples per micro-step, so that memory is bounded whatever the rollout yields;
-        the rest are left unused (counted)."""
-        examples = self._build_aux_examples(rollouts)
-        random.Random(self.args.seed + self._group_counter).shuffle(examples)
-        bs = self.args.aux_batch_size
-        self._joint_aux_batches = [examples[j * bs:(j + 1) * bs] for j in range(n_micro)]
-        used = examples[:n_micro * bs]
-        self._count_aux_examples(used)
-        self._stats.aux_examples_unused += int(self._ranks.sum([len(examples) - len(used)])[0])
-
-    def _count_aux_examples(self, examples):
-        counts = Counter(e.kind for e in examples)
-        kinds = self._ranks.union(set(counts) | {"pointwise", "pairwise", "reflection"})
-        for kind, total in zip(kinds, self._ranks.sum([counts.get(k, 0) for k in kinds])):
-            if total:
-                self._stats.aux_examples[kind] += int(total)
-
-    def _joint_aux_loss(self, model):
-        """The auxiliary loss of this micro-step's examples. Whenever any rank has examples every rank runs one
-        forward (a weight-0 dummy example where it has none): under FSDP a forward gathers parameters collectively.
-        Under DDP the forward goes through the unwrapped model (a second forward through the DDP wrapper before
-        one backward is not allowed); the gradients still reach the shared parameters and are reduced with the
-        GRPO loss's. Under FSDP it goes through the wrapped model, whose root unit gathers the parameters."""
-        pos = self._position
-        if pos >= len(self._micro_aux_rows) or not self._micro_aux_rows[pos]:
-            return 0.0
-        batch = self._joint_aux_batches[pos] if pos < len(self._joint_aux_batches) else []
-        aux_model = model if self.is_fsdp_enabled else self.accelerator.unwrap_model(model)
-        aux = self.aux_objective.loss(aux_model, batch or [self.aux_objective.dummy_example()])
-        # The figures are averaged over the ranks that had a batch.
-        total, count = self._ranks.sum([float(aux.detach()) if batch else 0.0, 1.0 if batch else 0.0])
-        self._stats.aux_loss_sum += total / count
-        self._stats.aux_steps += 1
-        trl_private.metrics(self)["aux/loss"].append(total / count)
-        # DDP averages gradients over all ranks; rescale so that the result is the mean over the ranks that had
-        # a batch (a rank without one would otherwise halve the weight of the others' examples).
-        weight = self.accelerator.num_processes / count if batch else 0.0
-        return self.args.aux_loss_scale * weight * aux / self.current_gradient_accumulation_steps
-
-    def _run_aux_phase(self):
-        """One auxiliary epoch over this epoch's rollouts (the study's Condition C), with the trainer's optimizer.
-
-        Every rank runs the same number of optimizer steps: ranks with fewer examples pad with weight-0 batches,
-        whose zero loss still joins the gradient all-reduce. No step is taken when no rank has an example.
-        """
-        objective = self.aux_objective
-        examples = self._build_aux_examples(self._epoch_rollouts)
-        self._count_aux_examples(examples)
-        self._epoch_rollouts = []
-        random.Random(self.args.seed + int(self.state.epoch or 0)).shuffle(examples)
-        bs = self.args.aux_batch_size
-        batches = [examples[i:i + bs] for i in range(0, len(examples), bs)]
-        n_steps = self._ranks.max(len(batches))
-        if n_steps == 0:
-            return
-        model = self.model_wrapped
-        model.train()
-        loss_sum, steps = 0.0, 0
-        for step in range(n_steps):
-            if step < len(batches):
-                batch, weight = batches[step], 1.0
-            else:
-                batch, weight = [examples[0] if examples else objective.dummy_example()], 0.0
-            # DDP averages gradients over all ranks: make the step the mean over the ranks with a real batch,
-            # not a mean diluted by the weight-0 padding batches of ranks that ran out of examples.
-            if self.accelerator.num_processes > 1:
-                (real,) = self._ranks.sum([weight])
-                weight *= self.accelerator.num_processes / max(real, 1.0)
-            with self.accelerator.autocast():
-                aux = objective.loss(model, batch)
-            self.accelerator.backward(aux * self.args.aux_loss_scale * weight)
-            if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            if weight:
-                loss_sum += float(aux.detach())
-                steps += 1
-        # Global figures: the mean over every rank's real batches, and the number of optimizer steps taken.
-        loss_sum, steps = self._ranks.sum([loss_sum, steps])
-        self._stats.aux_loss_sum += loss_sum * n_steps / max(steps, 1)
-        self._stats.aux_steps += n_steps
-
 
 def _group_rows(inputs: list[dict], k0: int) -> list[dict]:
     """One dataset row per group: TRL's sampler repeats each row `k0` times in a row."""
@@ -940,31 +762,6 @@ def _group_rows(inputs: list[dict], k0: int) -> list[dict]:
         if any(inputs[g * k0 + j]["prompt"] != row["prompt"] for j in range(k0)):
             raise RuntimeError("a generation batch must hold whole groups of min_generations identical prompts")
     return rows
-
-
-def _uses_deepspeed(args) -> bool:
-    import os
-
-    return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
-        "1", "true", "yes")
-
-
-def _check_columns(reward_funcs, train_dataset, aux_objective) -> None:
-    """The dataset columns that the reward functions (`required_columns`, as ExecutionReward declares them) and the
-    auxiliary objective read."""
-    columns = getattr(train_dataset, "column_names", None)
-    if columns is None:
-        return
-    funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-    needs = [(getattr(f, "__name__", type(f).__name__), tuple(getattr(f, "required_columns", None) or ()))
-             for f in funcs if f is not None and not isinstance(f, str)]
-    if aux_objective is not None:
-        needs.append((type(aux_objective).__name__, tuple(aux_objective.required_columns)))
-    for name, required in needs:
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise ValueError(f"The train dataset lacks the column(s) {missing} that {name} needs (it has {columns}). "
-                             "Build it with spark_trl.data.to_grpo_dataset.")
 
 
 @contextlib.contextmanager
@@ -990,9 +787,3 @@ def _without_weight(micro: dict) -> dict:
 
 def _gathered(ranks: Ranks, values: list) -> list:
     return [v for part in ranks.gather(list(values)) for v in part]
-
-
-def _text(completion) -> str:
-    if isinstance(completion, list):
-        return completion[-1]["content"] if completion else ""
-    return completion

@@ -222,9 +222,15 @@ def test_joint_mode_bounds_examples_per_micro_step(tiny_model_path, tmp_path):
                            aux_failing_per_group=4, aux_pairwise_weight=0.0)
 
     class Counting(SparkGRPOTrainer):
-        def _joint_aux_loss(self, model):
-            self.sizes = getattr(self, "sizes", []) + [len(self._joint_aux_batches[self._position])]
-            return super()._joint_aux_loss(model)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            joint_loss = self._aux.joint_loss
+
+            def counting(model, position, *rest):
+                self.sizes = getattr(self, "sizes", []) + [len(self._aux.batches[position])]
+                return joint_loss(model, position, *rest)
+
+            self._aux.joint_loss = counting
 
     trainer = Counting(model=tiny_model_path, reward_funcs=OutcomeReward(), args=args, train_dataset=_dataset(4))
     trainer.train()

@@ -16,8 +16,9 @@ import pytest
 import yaml
 from trl import GRPOConfig
 
-from spark_trl import SparkGRPOConfig, SparkGRPOTrainer
+from spark_trl import SparkGRPOConfig
 from spark_trl.runner import parse_recipe
+from spark_trl.trainer_checks import validate
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_FILES = sorted((REPO / "recipes").glob("condition_*.py"))
@@ -45,7 +46,7 @@ def _flags(options: dict) -> list[str]:
 def _check_spark_trainer_accepts(args: SparkGRPOConfig) -> None:
     # The checks SparkGRPOTrainer runs before loading a model; TRL's own (vLLM installed, server reachable)
     # follow in GRPOTrainer.__init__ and need a GPU machine.
-    SparkGRPOTrainer._validate(args, None, None, None, None, None, None)
+    validate(args, None, None, None, None, None, None)
 
 
 def test_there_are_recipes():
