@@ -334,3 +334,10 @@ if __name__ == "__main__":
          "recipe": recipe, "train_fsdp": lambda m, o: train(m, o, fsdp=True),
          "train_joint_fsdp": lambda m, o: train(m, o, joint=True, fsdp=True),
          "train_epoch_fsdp": lambda m, o: train(m, o, epoch=True, fsdp=True)}[mode](model_path, Path(out_dir))
+    # A clean shutdown: without it gloo's threads can still be running when the interpreter exits, and a rank
+    # then aborts ("terminate called without an active exception") after its work is done and written.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
