@@ -11,9 +11,9 @@ OUT=${1:-runs/learning}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 $PY benchmarks/gpu_learning_bench.py learn --modes progress study --seeds 0 1 2 --out "$OUT/learn" \
-    --deadline_s "${LEARN_DEADLINE_S:-660}"
-$PY benchmarks/gpu_learning_bench.py plain --out "$OUT/plain" --budget_s "${PLAIN_BUDGET_S:-200}" --eval_every_s 40
-$PY benchmarks/gpu_learning_bench.py spark --out "$OUT/spark" --budget_s "${SPARK_BUDGET_S:-100}" --eval_every_s 10
+    --deadline_s "${LEARN_DEADLINE_S:-1200}"
+$PY benchmarks/gpu_learning_bench.py plain --out "$OUT/plain" --budget_s "${PLAIN_BUDGET_S:-160}" --eval_every_s 40
+$PY benchmarks/gpu_learning_bench.py spark --out "$OUT/spark" --budget_s "${SPARK_BUDGET_S:-70}" --eval_every_s 10
 $PY -c "import matplotlib" 2>/dev/null && $PY benchmarks/gpu_learning_bench.py report --learn "$OUT/learn" \
     --plain "$OUT/plain" --spark "$OUT/spark" --out "$OUT/report"
 echo "learning benchmark done: $OUT"

@@ -52,17 +52,23 @@ class Probe(TrainerCallback):
             self.grads = {n: p.grad.detach().clone() for n, p in self.params() if p.grad is not None}
 
 
+def _train_one_epoch(model_path, tmp_path, **kw):
+    """One epoch of the study's schedule over TASKS; the trainer, its reward and the probe that watched it."""
+    reward = PromptKeyedReward()
+    trainer = Capturing(model=model_path, reward_funcs=reward, train_dataset=_dataset(TASKS),
+                        args=_args(tmp_path, num_train_epochs=1, **kw))
+    probe = Probe(reward, trainer.model.named_parameters)
+    trainer.add_callback(probe)
+    trainer.train()
+    return trainer, reward, probe
+
+
 def test_epoch_schedule_rolls_out_every_problem_then_makes_one_pass(tiny_model_path, tmp_path):
     """All reward calls (the whole epoch's rollouts, top-ups included) happen before the first optimizer step; the
     18 sequences in the loss make ceil(18 / 4) = 5 optimizer steps of 4, 4, 4, 4, 2 in problem order; the first is
     on-policy (ratio exactly 1), the later ones are off-policy and the clip acts; the Trainer's step counter ends
     the epoch at its upper bound (6 problems x 8 / 4 = 12)."""
-    reward = PromptKeyedReward()
-    trainer = Capturing(model=tiny_model_path, reward_funcs=reward, train_dataset=_dataset(TASKS),
-                        args=_args(tmp_path, num_train_epochs=1, learning_rate=5e-2, beta=0.05))
-    probe = Probe(reward, trainer.model.named_parameters)
-    trainer.add_callback(probe)
-    trainer.train()
+    trainer, reward, probe = _train_one_epoch(tiny_model_path, tmp_path, learning_rate=5e-2, beta=0.05)
 
     assert probe.calls_before_step == [len(reward.calls)] * 5  # nothing sampled after the first step
     assert sorted({t for call in reward.calls for t in call}) == sorted(TASKS)
@@ -88,12 +94,7 @@ def test_epoch_schedule_step_gradient_is_the_mean_over_its_four_sequences(tiny_m
     its 4 sequences and divided by 4 (one step every 4 sequences, the study's loss/4 per backward)."""
     from transformers import AutoModelForCausalLM
 
-    reward = PromptKeyedReward()
-    trainer = Capturing(model=tiny_model_path, reward_funcs=reward, train_dataset=_dataset(TASKS),
-                        args=_args(tmp_path, num_train_epochs=1, learning_rate=1e-3, max_grad_norm=1e9))
-    probe = Probe(reward, trainer.model.named_parameters)
-    trainer.add_callback(probe)
-    trainer.train()
+    trainer, reward, probe = _train_one_epoch(tiny_model_path, tmp_path, learning_rate=1e-3, max_grad_norm=1e9)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     model.train()
