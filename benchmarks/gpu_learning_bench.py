@@ -119,8 +119,8 @@ def timed(opts) -> int:
     """One trainer alone on the GPU, held-out pass@1 against training seconds: `plain` (trl.GRPOTrainer with its
     own generation, num_generations 8) or `spark` (SparkGRPOTrainer with the demo's GPU settings: fast engine,
     groups of 4 grown to 8 when their rewards tie, prefetch). Same model, problems, reward, learning rate, KL
-    coefficient, sampling, 16 problems per optimizer step, constant learning rate; the same evaluation (the
-    fast engine, every --eval_every_s seconds of training, the clock stopped while it runs)."""
+    coefficient, sampling (the demo's temperature), 16 problems per optimizer step, constant learning rate; the
+    same evaluation (the fast engine, every --eval_every_s seconds of training, the clock stopped while it runs)."""
     import torch
     from transformers import TrainerCallback
 
@@ -194,7 +194,7 @@ def timed(opts) -> int:
             self.mark = time.perf_counter()
 
     common = dict(output_dir=str(out / f"{name}-trainer"), gradient_accumulation_steps=2,
-                  learning_rate=opts.learning_rate, beta=opts.beta, temperature=1.0, top_p=0.98,
+                  learning_rate=opts.learning_rate, beta=opts.beta, temperature=opts.temperature, top_p=0.98,
                   max_completion_length=opts.max_new_tokens, num_train_epochs=1000, logging_steps=1,
                   report_to="none", save_strategy="no", seed=opts.seed, bf16=cuda, use_cpu=not cuda,
                   gradient_checkpointing=False, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0)
@@ -228,6 +228,9 @@ def timed(opts) -> int:
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))  # the points are written after every evaluation
     trainer.train()
     print(f"{name}: seconds per optimizer step by phase\n{profiler.table()}", flush=True)
+    saved = json.loads((out / f"{name}.json").read_text())
+    saved["seconds_per_step_by_phase"] = profiler.summary()  # the first step (compilation, warm-up) left out
+    (out / f"{name}.json").write_text(json.dumps(saved, indent=1, default=str))
     executor.close()
     return 0
 
@@ -411,6 +414,8 @@ def _timed_args(pl) -> None:
     pl.add_argument("--prompts_per_step", type=int, default=16, help="problems per optimizer step (as the demo)")
     pl.add_argument("--learning_rate", type=float, default=5e-5)
     pl.add_argument("--beta", type=float, default=0.01)
+    pl.add_argument("--temperature", type=float, default=None,
+                    help="rollout sampling temperature (default: the demo's, spark_trl.demo.DEMO_COMMON)")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--exec_workers", type=int, default=None, help="sandbox workers (default: one per CPU)")
 
@@ -439,6 +444,10 @@ def main(argv=None) -> int:
     rp.add_argument("--spark_runs", nargs="*", default=[], help="runs compared with plain (default: progress-*)")
     rp.add_argument("--out", required=True)
     opts, extra = p.parse_known_args(argv)
+    if getattr(opts, "temperature", "absent") is None:
+        from spark_trl.demo import DEMO_COMMON
+
+        opts.temperature = DEMO_COMMON["temperature"]
     if opts.cmd != "learn" and extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     return {"convert": lambda: convert(opts), "learn": lambda: learn(opts, extra), "plain": lambda: timed(opts),

@@ -306,8 +306,10 @@ def test_demo_defaults_are_the_measured_learning_configuration(device):
     assert study.reward_mode == "progress" and train_args.rollout_schedule == "batch"
     assert train_args.steps_per_generation == train_args.gradient_accumulation_steps
     assert (train_args.learning_rate, train_args.min_generations, train_args.max_generations) == (5e-5, 4, 8)
+    assert (train_args.temperature, train_args.top_p) == (0.7, 0.98)
     if device == "cuda":
         assert (study.iterations, train_args.max_completion_length, train_args.top_up_mode) == (6, 256, "prefetch")
     full, _ = build_parser().parse_known_args(["--output_dir", "runs/x", "--full"])
     study, train_args, _ = parse_recipe(demo_recipe(full, device), [])
     assert study.reward_mode == "study" and train_args.rollout_schedule == "epoch"  # --full is the study
+    assert train_args.temperature == 1.0
