@@ -119,7 +119,7 @@ def timed(opts) -> int:
     """One trainer alone on the GPU, held-out pass@1 against training seconds: `plain` (trl.GRPOTrainer with its
     own generation, num_generations 8) or `spark` (SparkGRPOTrainer with the demo's GPU settings: fast engine,
     groups of 4 grown to 8 when their rewards tie, prefetch). Same model, problems, reward, learning rate, KL
-    coefficient, sampling (the demo's temperature), 16 problems per optimizer step, constant learning rate; the
+    coefficient, sampling (the demo's GPU temperature), 16 problems per optimizer step, constant learning rate; the
     same evaluation (the fast engine, every --eval_every_s seconds of training, the clock stopped while it runs)."""
     import torch
     from transformers import TrainerCallback
@@ -415,7 +415,7 @@ def _timed_args(pl) -> None:
     pl.add_argument("--learning_rate", type=float, default=5e-5)
     pl.add_argument("--beta", type=float, default=0.01)
     pl.add_argument("--temperature", type=float, default=None,
-                    help="rollout sampling temperature (default: the demo's, spark_trl.demo.DEMO_COMMON)")
+                    help="rollout sampling temperature (default: the demo's on a GPU)")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--exec_workers", type=int, default=None, help="sandbox workers (default: one per CPU)")
 
@@ -445,9 +445,9 @@ def main(argv=None) -> int:
     rp.add_argument("--out", required=True)
     opts, extra = p.parse_known_args(argv)
     if getattr(opts, "temperature", "absent") is None:
-        from spark_trl.demo import DEMO_COMMON
+        from spark_trl.demo import DEMO_SIZES
 
-        opts.temperature = DEMO_COMMON["temperature"]
+        opts.temperature = DEMO_SIZES["cuda"]["temperature"]
     if opts.cmd != "learn" and extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     return {"convert": lambda: convert(opts), "learn": lambda: learn(opts, extra), "plain": lambda: timed(opts),

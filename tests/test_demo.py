@@ -306,7 +306,7 @@ def test_demo_defaults_are_the_measured_learning_configuration(device):
     assert study.reward_mode == "progress" and train_args.rollout_schedule == "batch"
     assert train_args.steps_per_generation == train_args.gradient_accumulation_steps
     assert (train_args.learning_rate, train_args.min_generations, train_args.max_generations) == (5e-5, 4, 8)
-    assert (train_args.temperature, train_args.top_p) == (0.7, 0.98)
+    assert (train_args.temperature, train_args.top_p) == ({"cpu": 0.7, "cuda": 1.0}[device], 0.98)
     if device == "cuda":
         assert (study.iterations, train_args.max_completion_length, train_args.top_up_mode) == (6, 256, "prefetch")
     full, _ = build_parser().parse_known_args(["--output_dir", "runs/x", "--full"])
