@@ -48,29 +48,58 @@ def test_a_training_config_and_a_tiny_model_start_quietly(tiny_model_path):
     assert "gradient_checkpointing" not in stderr
 
 
-def test_bitsandbytes_notice_dropped_only_when_the_kernels_package_is_missing():
+def _raised_by(module: str, exc: BaseException) -> BaseException:
+    """``exc`` as raised by code whose module is ``module`` (its traceback's innermost frame)."""
+    namespace = {"__name__": module}
+    exec("def fail(exc):\n    raise exc\n", namespace)
+    try:
+        namespace["fail"](exc)
+    except BaseException as caught:  # noqa: BLE001
+        return caught
+    raise AssertionError("unreachable")
+
+
+def _logged(logger_name: str, calls) -> list[str]:
     records = []
 
     class Keep(logging.Handler):
         def emit(self, record):
             records.append(record.getMessage())
 
-    logger = logging.getLogger(_quiet._BNB_LOGGER)
+    logger = logging.getLogger(logger_name)
     handler = Keep()
     logger.addHandler(handler)
     try:
-        missing = ModuleNotFoundError("No module named 'kernels'", name="kernels")
-        logger.warning(_quiet._BNB_MESSAGE + ": %s. Please make sure ...", missing)
-        offline = OSError("cannot reach the hub")  # kernels installed, download failed: still said
-        logger.warning(_quiet._BNB_MESSAGE + ": %s. Please make sure ...", offline)
-        other = ModuleNotFoundError("No module named 'triton'", name="triton")
-        logger.warning(_quiet._BNB_MESSAGE + ": %s. Please make sure ...", other)
-        logger.warning("another bitsandbytes warning")
+        for msg, *args in calls:
+            logger.warning(msg, *args)
     finally:
         logger.removeHandler(handler)
-    assert records == [f"{_quiet._BNB_MESSAGE}: cannot reach the hub. Please make sure ...",
-                       f"{_quiet._BNB_MESSAGE}: No module named 'triton'. Please make sure ...",
+    return records
+
+
+def test_bitsandbytes_notice_dropped_only_when_the_hub_kernel_cannot_be_had():
+    fmt = _quiet._BNB_MESSAGE + ": %s. Please make sure ..."
+    missing = ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    offline = _raised_by("kernels._internals.hf_hub", OSError("not in the local cache and the hub is offline"))
+    untrusted = _raised_by("huggingface_hub.hf_api", ValueError("could not verify publisher trust status"))
+    other = ModuleNotFoundError("No module named 'triton'", name="triton")  # not the hub's doing: still said
+    elsewhere = _raised_by("bitsandbytes.backends.cpu.ops", RuntimeError("kernel failed"))
+    records = _logged(_quiet._BNB_LOGGER, [(fmt, missing), (fmt, offline), (fmt, untrusted), (fmt, other),
+                                            (fmt, elsewhere), ("another bitsandbytes warning",)])
+    assert records == [f"{_quiet._BNB_MESSAGE}: No module named 'triton'. Please make sure ...",
+                       f"{_quiet._BNB_MESSAGE}: kernel failed. Please make sure ...",
                        "another bitsandbytes warning"]
+
+
+def test_kernels_offline_notice_dropped_only_for_the_bitsandbytes_kernel():
+    records = _logged(_quiet._KERNELS_HUB_LOGGER, [
+        (f"Skipping publisher trust check for '{_quiet._BNB_KERNEL_REPO}' because Hugging Face Hub is in offline "
+         "mode.",),
+        ("Skipping publisher trust check for 'someone/their-kernel' because Hugging Face Hub is in offline mode.",),
+        (f"another notice about '{_quiet._BNB_KERNEL_REPO}'",)])
+    assert records == [
+        "Skipping publisher trust check for 'someone/their-kernel' because Hugging Face Hub is in offline mode.",
+        f"another notice about '{_quiet._BNB_KERNEL_REPO}'"]
 
 
 def test_bitsandbytes_notice_is_gone_where_bitsandbytes_prints_it():
