@@ -16,6 +16,8 @@ Four steps, each a subcommand (a GPU run does `convert`, then `learn` and/or `pl
 
     python benchmarks/gpu_learning_bench.py convert --parts partA partB --sha256 <hash>
     python benchmarks/gpu_learning_bench.py learn --modes progress study --seeds 0 1 2 --out runs/learn
+    python benchmarks/gpu_learning_bench.py learn --modes progress --variant t07="--temperature 0.7" \
+        --variant t07lr1e-4="--temperature 0.7 --learning_rate 1e-4" --out runs/learn   # configurations side by side
     python benchmarks/gpu_learning_bench.py plain --out runs/plain --budget_s 300
     python benchmarks/gpu_learning_bench.py report --learn runs/learn --plain runs/plain --out runs/report
 
@@ -85,22 +87,46 @@ def _wait(procs: dict, deadline: float) -> None:
         time.sleep(2)
 
 
+def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """`--variant NAME="OPTIONS"` -> [(NAME, options)]; none given: one unnamed variant without options.
+
+    Example:
+        >>> parse_variants(["t07=--temperature 0.7", "base="])
+        [('t07', ['--temperature', '0.7']), ('base', [])]
+    """
+    import re
+    import shlex
+
+    variants = []
+    for spec in specs:
+        name, sep, options = spec.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+            raise SystemExit(f"--variant {spec!r}: expected NAME=OPTIONS with NAME of letters, digits, '_' or '.'")
+        variants.append((name, shlex.split(options)))
+    if len({name for name, _ in variants}) != len(variants):
+        raise SystemExit("--variant names must differ")
+    return variants or [("", [])]
+
+
 def learn(opts, extra: list[str]) -> int:
     out = Path(opts.out)
+    variants = parse_variants(opts.variant)  # bad input before any run starts
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + opts.deadline_s
     procs, logs = {}, []
-    for mode in opts.modes:
-        for seed in opts.seeds:
-            name = f"{mode}-seed{seed}"
-            cmd = [sys.executable, "-m", "spark_trl.cli", "demo", "--device", opts.device, "--quiet",
-                   "--reward_mode", mode, "--seed", str(seed), "--output_dir", str(out / name), "--overwrite",
-                   "--exec_workers", str(opts.exec_workers), *extra]
-            log = open(out / f"{name}.log", "w")
-            logs.append(log)
-            print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
-            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for tag, options in variants:
+        for mode in opts.modes:
+            for seed in opts.seeds:
+                # <mode>[-<variant>]-seed<seed>: the report groups the runs by what precedes "-seed"
+                name = f"{mode}{'-' + tag if tag else ''}-seed{seed}"
+                cmd = [sys.executable, "-m", "spark_trl.cli", "demo", "--device", opts.device, "--quiet",
+                       "--reward_mode", mode, "--seed", str(seed), "--output_dir", str(out / name), "--overwrite",
+                       "--exec_workers", str(opts.exec_workers), *extra, *options]
+                log = open(out / f"{name}.log", "w")
+                logs.append(log)
+                print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+                procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
     _wait(procs, deadline)
     for log in logs:
         log.close()
@@ -315,12 +341,14 @@ def report(opts) -> int:
         lines.append("")
     if runs:
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        colors = {m: c for m, c in zip(modes, ("tab:blue", "tab:red", "tab:green", "tab:orange"))}
+        palette = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink")
+        colors = {m: palette[i % len(palette)] for i, m in enumerate(modes)}
         labelled: set[str] = set()
         for name, rows in runs.items():
             mode = name.rsplit("-seed", 1)[0]
             ax.plot([r["iteration"] for r in rows], [r.get(f"{HELDOUT}/pass@1") for r in rows], "-o", alpha=0.8,
-                    color=colors[mode], label=None if mode in labelled else f"reward_mode={mode}")
+                    color=colors[mode], label=None if mode in labelled else
+                    (mode if "-" in mode else f"reward_mode={mode}"))
             labelled.add(mode)
             warn = next((r for r in rows if r.get("collapse_warning")), None)
             if warn is not None:
@@ -329,7 +357,7 @@ def report(opts) -> int:
                 labelled.add("warn")
         ax.set_xlabel("iteration (0 = base model)")
         ax.set_ylabel("held-out pass@1 (built-in held-out, 10 samples each)")
-        ax.set_title("SmolLM2-135M-Instruct, GRPO with execution rewards, 3 seeds per reward mode")
+        ax.set_title("SmolLM2-135M-Instruct, GRPO with execution rewards, every seed of each configuration")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -433,6 +461,9 @@ def main(argv=None) -> int:
     lr.add_argument("--device", default="cuda")
     lr.add_argument("--exec_workers", type=int, default=4)
     lr.add_argument("--deadline_s", type=float, default=540)
+    lr.add_argument("--variant", action="append", default=[], metavar='NAME="OPTIONS"',
+                    help="a configuration to run beside the others (every mode x seed), e.g. "
+                         "--variant t07=\"--temperature 0.7\"; its runs are named <mode>-NAME-seed<seed>")
     lr.add_argument("--out", required=True)
     for kind in ("plain", "spark"):
         pl = sub.add_parser(kind, help="one trainer alone, held-out pass@1 against training seconds")

@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -99,3 +101,22 @@ def test_timed_runs_train_and_evaluate_both_trainers_on_cpu(tmp_path, tiny_model
         assert set(PHASES) <= set(phases) and phases["total"] >= phases["generate"] > 0, phases
         assert points[0]["train_seconds"] == 0.0 < points[1]["train_seconds"]
         assert all(0.0 <= p["pass@1"] <= 1.0 and p["pass@5"] is not None for p in points)
+
+
+def test_variants_parse_and_report_as_their_own_configurations(tmp_path):
+    bench = _bench()
+    assert bench.parse_variants([]) == [("", [])]
+    assert bench.parse_variants(["t07=--temperature 0.7 --learning_rate 1e-4"]) == [
+        ("t07", ["--temperature", "0.7", "--learning_rate", "1e-4"])]
+    for bad in (["--temperature 0.7"], ["a b=--x 1"], ["t=", "t=--x 1"]):
+        with pytest.raises(SystemExit):
+            bench.parse_variants(bad)
+    learn, out = tmp_path / "learn", tmp_path / "out"
+    _run(learn, "progress-seed0", [(0.2, 0), (0.3, 50)])
+    _run(learn, "progress-t07-seed0", [(0.2, 0), (0.5, 50)])
+    _run(learn, "progress-t07-seed1", [(0.2, 0), (0.4, 50)])
+    assert bench.main(["report", "--learn", str(learn), "--out", str(out)]) == 0
+    modes = json.loads((out / "learning.json").read_text())["modes"]
+    assert set(modes) == {"progress", "progress-t07"}
+    assert modes["progress-t07"]["per_iteration"][1]["builtin-heldout/pass@1"]["mean"] == 0.45
+    assert set(modes["progress"]["per_run"]) == {"progress-seed0"}
