@@ -280,6 +280,11 @@ def _spread(values: list[float]) -> dict:
             "n": len(values)}
 
 
+def _label(group: str) -> str:
+    """A run group's name as shown: `reward_mode=progress`, or `progress-t07` for a variant's runs."""
+    return group if "-" in group else f"reward_mode={group}"
+
+
 def report(opts) -> int:
     import matplotlib
 
@@ -320,7 +325,7 @@ def report(opts) -> int:
                           "gain": round(last[name] - base[name], 4) if base[name] is not None else None,
                           "collapse_warning_at": warned[name]} for name in mine}
         summary["modes"][mode] = {"per_iteration": per_iter, "per_run": verdict}
-        lines += [f"### reward_mode={mode} ({len(mine)} seeds)", "",
+        lines += [f"### {_label(mode)} ({len(mine)} seed{'' if len(mine) == 1 else 's'})", "",
                   "| iter | " + " | ".join(label for _, label in keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for entry in per_iter:
             cells = []
@@ -347,8 +352,7 @@ def report(opts) -> int:
         for name, rows in runs.items():
             mode = name.rsplit("-seed", 1)[0]
             ax.plot([r["iteration"] for r in rows], [r.get(f"{HELDOUT}/pass@1") for r in rows], "-o", alpha=0.8,
-                    color=colors[mode], label=None if mode in labelled else
-                    (mode if "-" in mode else f"reward_mode={mode}"))
+                    color=colors[mode], label=None if mode in labelled else _label(mode))
             labelled.add(mode)
             warn = next((r for r in rows if r.get("collapse_warning")), None)
             if warn is not None:
@@ -356,7 +360,7 @@ def report(opts) -> int:
                         label=None if "warn" in labelled else "collapse warning fired")
                 labelled.add("warn")
         ax.set_xlabel("iteration (0 = base model)")
-        ax.set_ylabel("held-out pass@1 (built-in held-out, 10 samples each)")
+        ax.set_ylabel("held-out pass@1 (built-in held-out problems)")
         ax.set_title("SmolLM2-135M-Instruct, GRPO with execution rewards, every seed of each configuration")
         ax.grid(alpha=0.3)
         ax.legend()
