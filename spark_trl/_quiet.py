@@ -7,8 +7,8 @@ change of log levels). ``install()`` runs when ``spark_trl`` is imported, before
   through the ``kernels`` package and, when it cannot, says ``Failed to load CPU gemm_4bit_forward from
   kernels-community: ...`` and uses its own CPU kernel, which is what spark-trl runs on CPU. Dropped when the
   package is missing or the hub cannot give the kernel (the error raised inside ``kernels`` or
-  ``huggingface_hub``: offline, unreachable, publisher not trusted); any other failure still warns. Since
-  transformers 5.25 installs ``kernels`` with itself, so that every offline CPU run also printed the package's own
+  ``huggingface_hub``: offline, unreachable, publisher not trusted); any other failure still warns.
+  transformers 5.25 installs ``kernels`` with itself, so every offline CPU run also printed that package's own
   ``Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' ...``: that one line, for
   that one repository, is dropped too.
 * transformers 5 renamed ``gradient_checkpointing*`` to ``activation_checkpointing*`` and warns (FutureWarning) on

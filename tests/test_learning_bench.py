@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from spark_trl.demo import DEMO_SIZES
+from spark_trl.profiling import PHASES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -92,12 +95,8 @@ def test_timed_runs_train_and_evaluate_both_trainers_on_cpu(tmp_path, tiny_model
         points = saved["points"]
         assert [p["step"] for p in points] == [0, 1], kind  # the budget stops it after one optimizer step
         # Sampled at the demo's GPU temperature; the step's split per phase is kept beside the points
-        from spark_trl.demo import DEMO_SIZES
-
         assert saved["settings"]["temperature"] == DEMO_SIZES["cuda"]["temperature"]
         phases = saved["seconds_per_step_by_phase"]
-        from spark_trl.profiling import PHASES
-
         assert set(PHASES) <= set(phases) and phases["total"] >= phases["generate"] > 0, phases
         assert points[0]["train_seconds"] == 0.0 < points[1]["train_seconds"]
         assert all(0.0 <= p["pass@1"] <= 1.0 and p["pass@5"] is not None for p in points)
